@@ -1,0 +1,41 @@
+# One-command set-up: `make run` and `make test` each run `make setup` first.
+# `setup` is idempotent: the stamp file is rebuilt only when the dependency
+# files change, so a second call installs nothing.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.setup-stamp
+PARAMS  ?= params/smollm2-quick.yaml
+PYTEST_ARGS ?= -m "not slow or ci" -q
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+export TOKENIZERS_PARALLELISM := false
+export DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: setup run test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first: a CPU build lies on disk here; elsewhere this is the PyPI build.
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	$(BIN)/python -m ast_core.embedded fetch
+	@touch $(STAMP)
+
+run: setup
+	$(BIN)/ast-pipeline run --params $(PARAMS)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf artifacts .pytest_cache
