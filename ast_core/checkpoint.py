@@ -1,0 +1,214 @@
+"""Crash-safe, resumable training checkpoints (safetensors + JSON, atomic).
+
+A checkpoint is a directory ``step_NNNNNN/`` holding ``model.safetensors``
+(weights, masks, SLoRB), ``optim.safetensors`` (optimizer tensors),
+``extra.safetensors`` (initial masks, RNG states) and ``state.json`` (step,
+hyper-parameters, data position). It is written under a temporary name,
+fsynced and renamed, then ``latest`` is replaced atomically: a reader never
+sees a torn checkpoint, and a crash during a write leaves the previous one.
+Nothing is ever read with pickle (``torch.load``): safetensors and JSON only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read or does not fit the model; names the file."""
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory + fsync + rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def state_dict_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with tied tensors written once each (safetensors refuses aliases)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: dict[int, str] = {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        ptr = hash(key)
+        if ptr in seen:
+            continue
+        seen[ptr] = k
+        out[k] = v.detach().contiguous().clone() if not v.is_contiguous() else v.detach()
+    return out
+
+
+def flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    """Split ``optimizer.state_dict()`` into tensors (safetensors) and JSON metadata."""
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, Any] = {"param_groups": state["param_groups"], "scalars": {}}
+    for idx, pstate in state["state"].items():
+        for key, val in pstate.items():
+            name = f"{idx}.{key}"
+            if torch.is_tensor(val):
+                tensors[name] = val.detach().contiguous()
+            else:
+                meta["scalars"][name] = val
+    return tensors, meta
+
+
+def unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict[str, Any]] = {}
+    for name, val in list(tensors.items()) + list(meta["scalars"].items()):
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = val
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    return {"rng.torch": torch.get_rng_state()}
+
+
+def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.torch" in tensors:
+        torch.set_rng_state(tensors["rng.torch"])
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    state: dict[str, Any]
+    model: dict[str, torch.Tensor]
+    optimizer: dict
+    extra: dict[str, torch.Tensor]
+
+
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
+    """Write ``root/step_{step}`` atomically and point ``root/latest`` at it."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
+    try:
+        opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+        files = {
+            "model.safetensors": state_dict_tensors(model),
+            "optim.safetensors": opt_tensors,
+            "extra.safetensors": {k: v.detach().contiguous() for k, v in extra.items()},
+        }
+        for fname, tensors in files.items():
+            save_file(tensors, str(tmp / fname))
+            _fsync_file(tmp / fname)
+        full_state = dict(state, step=step, optimizer=opt_meta)
+        with open(tmp / "state.json", "w", encoding="utf-8") as fh:
+            json.dump(full_state, fh, indent=2, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic_write_text(root / LATEST, final.name + "\n")
+    _prune_old(root, keep, final.name)
+    return final
+
+
+def _prune_old(root: Path, keep: int, current: str) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in steps[:-keep] if keep > 0 else []:
+        if old.name != current:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob(".step_*"):  # temp dirs of writes killed mid-way
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def latest_checkpoint(root: Path) -> Path | None:
+    pointer = Path(root) / LATEST
+    if not pointer.exists():
+        return None
+    path = Path(root) / pointer.read_text().strip()
+    if not (path / "state.json").exists():
+        raise CheckpointError(f"{pointer} points to {path}, which is missing or incomplete")
+    return path
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    path = Path(path)
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        model = load_file(str(path / "model.safetensors"))
+        opt_tensors = load_file(str(path / "optim.safetensors"))
+        extra = load_file(str(path / "extra.safetensors"))
+    except FileNotFoundError as exc:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {exc.filename} missing") from None
+    except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from None
+    optimizer = unflatten_optimizer(opt_tensors, state.pop("optimizer"))
+    return Checkpoint(path, state, model, optimizer, extra)
+
+
+def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], origin: str) -> None:
+    """Load a (tie-deduplicated) state dict strictly; errors name the checkpoint."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in tensors]
+    # keys dropped because they alias another tensor (tied embeddings) are fine
+    missing = [k for k in missing if not _is_alias(model, k, tensors)]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{origin} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for k, v in tensors.items():
+        if expected[k].shape != v.shape:
+            raise CheckpointError(f"{origin}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
+    model.load_state_dict(tensors, strict=False)
+
+
+def _is_alias(model: torch.nn.Module, key: str, tensors: dict[str, torch.Tensor]) -> bool:
+    sd = model.state_dict()
+    target = sd[key]
+    return any(sd[k].untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
+               for k in tensors if k in sd)

@@ -1,0 +1,286 @@
+"""The AST training loop, readable top to bottom.
+
+One step (DESIGN.md §1):
+
+1. lr(t) from the cosine schedule, λ(t) = λ_max·min(1, t/T0) into the optimizer;
+2. forward the student with W ⊙ m (STE), CE on next tokens;
+3. KD: α·KL(teacher ‖ student)·T² + (1−α)·CE, with the teacher's targets read
+   from the cache (or an online teacher);
+4. backward, clip, AST-AdamW step (decay λ(t)·(1−m)⊙W enters the second moment);
+5. every Δt steps recompute the masks by magnitude and log the flip rates;
+6. every N steps an atomic, resumable checkpoint.
+
+Methods: ``naive`` = fixed mask, CE only, λ=0; ``ast-naive`` = adaptive mask +
+decay + KD; ``ast-boosted`` = ast-naive + SLoRB (attached by the caller).
+The loop is deterministic on CPU: resuming from a checkpoint gives bitwise the
+same weights as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import (latest_checkpoint, load_checkpoint, load_model_tensors, rng_state,
+                         save_checkpoint, set_rng_state)
+from .distill import kd_combine, kl_from_targets, kl_full, squarehead_loss
+from .optim import ASTAdamW, ASTSchedule, build_param_groups, masks_for
+from .refresh import FlipStats, pruned_kept_ratio, refresh_masks, snapshot_masks
+
+
+class TrainingDiverged(RuntimeError):
+    """A NaN/inf loss or gradient; names the step and the last good checkpoint."""
+
+
+class LoopConfig(Protocol):
+    """What the loop reads from the validated ``train`` section (tasks.config.TrainConfig)."""
+    method: str
+    steps: int
+    batch_size: int
+    grad_accum: int
+    lr: float
+    min_lr: float
+    warmup_steps: int
+    weight_decay: float
+    beta1: float
+    beta2: float
+    eps: float
+    grad_clip: float
+    lambda_max: float
+    t0: int
+    refresh_every: int
+    kd_alpha: float
+    temperature: float
+    squarehead: bool
+    squarehead_weight: float
+    checkpoint_every: int
+    log_every: int
+    uses_kd: bool
+    adaptive: bool
+
+
+class BlockOrder:
+    """Deterministic, resumable order over training blocks: one permutation per epoch.
+
+    The data position is a pure function of (seed, step), so resuming needs
+    nothing but the step number.
+    """
+
+    def __init__(self, n_blocks: int, seed: int) -> None:
+        if n_blocks < 1:
+            raise ValueError("no training blocks")
+        self.n, self.seed = n_blocks, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def ids(self, start: int, count: int) -> np.ndarray:
+        pos = np.arange(start, start + count)
+        return np.array([self._perm(int(p // self.n))[p % self.n] for p in pos], dtype=np.int64)
+
+
+class TeacherSource(Protocol):
+    def kl(self, student_logits: torch.Tensor, block_ids: np.ndarray, input_ids: torch.Tensor,
+           temperature: float) -> torch.Tensor: ...
+
+
+class CachedTeacher:
+    """KD targets read from a :class:`ast_core.teacher_cache.TeacherCache`."""
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+
+    def kl(self, student_logits, block_ids, input_ids, temperature):
+        targets = self.cache.targets(block_ids)
+        return kl_from_targets(student_logits, targets, self.cache.format, temperature)
+
+
+class OnlineTeacher:
+    """Runs the dense teacher on every batch (the reference the cache must match)."""
+
+    def __init__(self, model: torch.nn.Module, want_hidden: bool = False) -> None:
+        self.model = model.eval()
+        self.want_hidden = want_hidden
+        self.last_hidden: tuple[torch.Tensor, ...] | None = None
+
+    @torch.no_grad()
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids, output_hidden_states=self.want_hidden)
+        self.last_hidden = out.hidden_states if self.want_hidden else None
+        return out.logits.float()
+
+    def kl(self, student_logits, block_ids, input_ids, temperature):
+        return kl_full(student_logits, self.logits(input_ids), temperature)
+
+
+@dataclass
+class StepLog:
+    step: int
+    loss: float
+    ce: float
+    kl: float
+    lr: float
+    lam: float
+    grad_norm: float
+    tokens: int
+    tokens_per_s: float
+    flip_rate_prev: float | None = None
+    flip_rate_init: float | None = None
+    pruned_kept_ratio: float | None = None
+    squarehead: float | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    last_flip: FlipStats | None
+    history: list[dict[str, float]] = field(default_factory=list)
+    resumed_from: int | None = None
+
+
+def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy (position t predicts token t+1)."""
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
+                           input_ids[:, 1:].reshape(-1))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> ASTAdamW:
+    masks = masks_for(model) if cfg.adaptive else None
+    return ASTAdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
+                    eps=cfg.eps, weight_decay=cfg.weight_decay, masks=masks)
+
+
+def make_schedule(cfg: LoopConfig) -> ASTSchedule:
+    return ASTSchedule(lambda_max=cfg.lambda_max if cfg.adaptive else 0.0, t0=cfg.t0, peak_lr=cfg.lr,
+                       min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
+
+
+def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed: int,
+          teacher: TeacherSource | None, checkpoint_dir: Path, resume: bool = False,
+          on_step: Callable[[StepLog], None] | None = None, progress: bool = True,
+          stop_after: int | None = None) -> TrainResult:
+    """Train ``student`` (already sparsified, masks initialised) on ``blocks`` [N, L].
+
+    ``stop_after`` ends the call early after that many steps of this call (used
+    to simulate an interruption); the checkpoint logic is the same as a crash.
+    """
+    if cfg.uses_kd and teacher is None:
+        raise ValueError(f"method {cfg.method} needs a teacher (cache or online)")
+    student.train()
+    optimizer = make_optimizer(student, cfg)
+    schedule = make_schedule(cfg)
+    order = BlockOrder(len(blocks), seed)
+    initial_masks = snapshot_masks(student)
+    start, tokens, resumed_from = 0, 0, None
+    history: list[dict[str, float]] = []
+
+    if resume and (ckpt_path := latest_checkpoint(checkpoint_dir)) is not None:
+        ckpt = load_checkpoint(ckpt_path)
+        load_model_tensors(student, ckpt.model, str(ckpt_path / "model.safetensors"))
+        optimizer.load_state_dict(ckpt.optimizer)
+        initial_masks = {k.removeprefix("initial_mask."): v for k, v in ckpt.extra.items()
+                         if k.startswith("initial_mask.")}
+        set_rng_state(ckpt.extra)
+        start, tokens = ckpt.state["step"], ckpt.state["tokens"]
+        history = ckpt.state.get("history", [])
+        resumed_from = start
+
+    def checkpoint(step: int) -> Path:
+        extra = {f"initial_mask.{k}": v for k, v in initial_masks.items()}
+        extra.update(rng_state())
+        return save_checkpoint(checkpoint_dir, step, student, optimizer, extra,
+                               {"tokens": tokens, "method": cfg.method, "history": history})
+
+    last_good = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
+    last_flip: FlipStats | None = None
+    bar = _progress(range(start, cfg.steps), progress, initial=start, total=cfg.steps)
+    done_this_call = 0
+    for step in bar:
+        t_start = time.perf_counter()
+        lr, lam = schedule.lr(step), schedule.lam(step)
+        for group in optimizer.param_groups:
+            group["lr"], group["sparse_decay"] = lr, lam
+
+        ce_sum = kl_sum = sq_sum = loss_sum = 0.0
+        for micro in range(cfg.grad_accum):
+            ids = order.ids((step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size)
+            input_ids = torch.from_numpy(blocks[ids].astype(np.int64))
+            out = student(input_ids, output_hidden_states=cfg.squarehead)
+            ce = causal_ce(out.logits, input_ids)
+            loss, kl = ce, torch.zeros(())
+            if cfg.uses_kd:
+                kl = teacher.kl(out.logits, ids, input_ids, cfg.temperature)
+                loss = kd_combine(ce, kl, cfg.kd_alpha)
+                if cfg.squarehead and isinstance(teacher, OnlineTeacher) and teacher.last_hidden:
+                    sq = squarehead_loss(list(out.hidden_states[1:]), list(teacher.last_hidden[1:]))
+                    loss = loss + cfg.squarehead_weight * sq
+                    sq_sum += float(sq)
+            if not torch.isfinite(loss):
+                raise TrainingDiverged(f"loss is {float(loss)} at step {step}; last good checkpoint: "
+                                       f"{last_good or 'none (nothing was written)'}")
+            (loss / cfg.grad_accum).backward()
+            ce_sum += float(ce)
+            kl_sum += float(kl)
+            loss_sum += float(loss)
+            tokens += input_ids.numel()
+
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
+        if not math.isfinite(grad_norm):
+            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step}; last good checkpoint: "
+                                   f"{last_good or 'none (nothing was written)'}")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        flip = None
+        if cfg.adaptive and (step + 1) % cfg.refresh_every == 0:
+            flip = last_flip = refresh_masks(student, initial_masks)
+
+        elapsed = time.perf_counter() - t_start
+        n_tok = cfg.grad_accum * cfg.batch_size * blocks.shape[1]
+        log = StepLog(step=step + 1, loss=loss_sum / cfg.grad_accum, ce=ce_sum / cfg.grad_accum,
+                      kl=kl_sum / cfg.grad_accum, lr=lr, lam=lam, grad_norm=grad_norm, tokens=tokens,
+                      tokens_per_s=n_tok / max(elapsed, 1e-9),
+                      flip_rate_prev=flip.rate_prev if flip else None,
+                      flip_rate_init=flip.rate_init if flip else None,
+                      pruned_kept_ratio=pruned_kept_ratio(student) if flip else None,
+                      squarehead=sq_sum / cfg.grad_accum if cfg.squarehead else None)
+        if (step + 1) % cfg.log_every == 0 or flip is not None or step + 1 == cfg.steps:
+            history.append(log.as_dict())
+            if on_step:
+                on_step(log)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{log.loss:.3f}", lr=f"{lr:.2e}", lam=f"{lam:.1e}",
+                            flip=f"{last_flip.rate_prev:.2%}" if last_flip else "-")
+        if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps:
+            last_good = checkpoint(step + 1)
+        done_this_call += 1
+        if stop_after is not None and done_this_call >= stop_after:
+            break
+
+    student.eval()
+    return TrainResult(steps=min(cfg.steps, start + done_this_call), tokens=tokens, last_flip=last_flip,
+                       history=history, resumed_from=resumed_from)
+
+
+def _progress(it: range, enabled: bool, initial: int, total: int):
+    if not enabled:
+        return it
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover
+        return it
+    return tqdm(it, initial=initial, total=total, desc="train", dynamic_ncols=True)

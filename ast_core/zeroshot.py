@@ -1,0 +1,276 @@
+"""Zero-shot accuracy with lm-eval 0.4.13, from the local data mirror when it has the task.
+
+The task definitions are data: one YAML per task in ``ast_core/lm_eval_tasks/`` with the
+same prompt (``doc_to_text`` / ``doc_to_target`` / ``doc_to_choice``), splits and metrics
+as lm-eval's built-in task of the same name, pointing at the Hugging Face hub.
+:func:`prepare_local_tasks` converts the mirror's files once into the fields the hub
+versions have and writes, next to them, a YAML per task that ``include``s the package YAML
+and replaces only the data source (``dataset_path: json`` + absolute ``data_files``).
+Task names stay the standard ones (``boolq``, ``piqa``, ...), so result keys match lm-eval's.
+
+Why convert instead of pointing lm-eval at the raw files: the prompts index fields by
+their hub names (GLUE RTE ``sentence1``/``label`` int, OBQA ``question_stem``, ARC
+``choices.label`` lists, PIQA/WinoGrande labels inside the record), and the mirror stores
+the original release formats.
+
+Accuracy is the ``acc`` metric for every task (argmax over the summed log-likelihood of
+each choice; for LAMBADA, whether the target word is the greedy continuation). Papers
+often quote ``acc_norm`` (length-normalised) for ARC, OBQA, HellaSwag and PIQA; pass
+``metric="acc_norm"`` to get it where the task defines it.
+
+``lm_eval`` is imported lazily inside the functions that need it, so importing
+``ast_core`` never pulls it in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
+"""The package's task YAMLs (hub sources); local variants ``include`` them by absolute path."""
+
+RTE_LABELS = {"entailment": 0, "not_entailment": 1}
+"""GLUE RTE label ids, the order of lm-eval's choices ["True", "False"]."""
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    with path.open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def _read_labels(path: Path, n: int) -> list[str]:
+    """Labels from a ``.lst`` file, one per line, which must match the records one to one."""
+    labels = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(labels) != n:
+        raise ValueError(f"{path}: {len(labels)} labels for {n} records; the files must match line by line")
+    return labels
+
+
+def _boolq(paths: list[Path]) -> list[dict[str, Any]]:
+    """SuperGLUE BoolQ with a JSON bool label -> label int (0 = no/false, 1 = yes/true)."""
+    rows = _read_jsonl(paths[0])
+    for r in rows:
+        if not isinstance(r["label"], bool):
+            raise ValueError(f"{paths[0]}: BoolQ label must be a JSON bool, got {r['label']!r} (idx {r.get('idx')})")
+    return [{"question": r["question"], "passage": r["passage"], "idx": r["idx"], "label": int(r["label"])}
+            for r in rows]
+
+
+def _rte(paths: list[Path]) -> list[dict[str, Any]]:
+    """SuperGLUE RTE (premise, hypothesis, label str) -> GLUE fields with 0 = entailment."""
+    return [{"sentence1": r["premise"], "sentence2": r["hypothesis"], "label": RTE_LABELS[r["label"]],
+             "idx": r["idx"]} for r in _read_jsonl(paths[0])]
+
+
+def _winogrande(paths: list[Path]) -> list[dict[str, Any]]:
+    """WinoGrande dev.jsonl joined line by line with dev-labels.lst into ``answer`` ("1"/"2")."""
+    rows = _read_jsonl(paths[0])
+    labels = _read_labels(paths[1], len(rows))
+    out = []
+    for i, (r, lab) in enumerate(zip(rows, labels)):
+        if lab not in ("1", "2") or r.get("answer", lab) != lab:
+            raise ValueError(f"{paths[1]} line {i + 1}: label {lab!r} vs record answer {r.get('answer')!r}")
+        out.append({"qID": r["qID"], "sentence": r["sentence"], "option1": r["option1"],
+                    "option2": r["option2"], "answer": lab})
+    return out
+
+
+def _choices(question: dict[str, Any]) -> dict[str, list[str]]:
+    return {"text": [c["text"] for c in question["choices"]], "label": [c["label"] for c in question["choices"]]}
+
+
+def _arc(paths: list[Path]) -> list[dict[str, Any]]:
+    """Original ARC (question.stem, question.choices[]) -> HF ai2_arc (question str, choices{text,label})."""
+    return [{"id": r["id"], "question": r["question"]["stem"], "choices": _choices(r["question"]),
+             "answerKey": r["answerKey"]} for r in _read_jsonl(paths[0])]
+
+
+def _openbookqa(paths: list[Path]) -> list[dict[str, Any]]:
+    """Original OpenBookQA -> HF openbookqa/main (``question_stem``, choices{text,label})."""
+    return [{"id": r["id"], "question_stem": r["question"]["stem"], "choices": _choices(r["question"]),
+             "answerKey": r["answerKey"]} for r in _read_jsonl(paths[0])]
+
+
+def _piqa(paths: list[Path]) -> list[dict[str, Any]]:
+    """PIQA valid.jsonl joined line by line with valid-labels.lst into ``label`` int."""
+    rows = _read_jsonl(paths[0])
+    labels = _read_labels(paths[1], len(rows))
+    if set(labels) - {"0", "1"}:
+        raise ValueError(f"{paths[1]}: PIQA labels must be 0/1, found {sorted(set(labels))}")
+    return [{"goal": r["goal"], "sol1": r["sol1"], "sol2": r["sol2"], "label": int(lab)}
+            for r, lab in zip(rows, labels)]
+
+
+def _lambada(paths: list[Path]) -> list[dict[str, Any]]:
+    """LAMBADA (OpenAI) is already ``{"text": ...}``; the YAML splits off the last word."""
+    return [{"text": r["text"]} for r in _read_jsonl(paths[0])]
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    """Where a task's data lies in the mirror, which split it is, and how to convert it."""
+
+    files: tuple[str, ...]
+    split: str  # the lm-eval split the file stands for: "validation" or "test"
+    convert: Callable[[list[Path]], list[dict[str, Any]]]
+
+
+LOCAL_SOURCES: dict[str, LocalSource] = {
+    "boolq": LocalSource(("superglue_boolq/val.jsonl",), "validation", _boolq),
+    "rte": LocalSource(("superglue_rte/val.jsonl",), "validation", _rte),
+    "winogrande": LocalSource(("winogrande/dev.jsonl", "winogrande/dev-labels.lst"), "validation", _winogrande),
+    "arc_easy": LocalSource(("arc/ARC-Easy-Test.jsonl",), "test", _arc),
+    "arc_challenge": LocalSource(("arc/ARC-Challenge-Test.jsonl",), "test", _arc),
+    "openbookqa": LocalSource(("openbookqa/test.jsonl",), "test", _openbookqa),
+    "piqa": LocalSource(("piqa/valid.jsonl", "piqa/valid-labels.lst"), "validation", _piqa),
+    "lambada_openai": LocalSource(("lambada_openai/lambada_test.jsonl",), "test", _lambada),
+}
+
+TASKS: tuple[str, ...] = (*LOCAL_SOURCES, "hellaswag")
+"""Every supported task; each has ``lm_eval_tasks/<name>.yaml`` (hellaswag is hub only)."""
+
+
+def default_mirror() -> Path:
+    """The data mirror: ``$AST_DATA_MIRROR``, else ``../shared/data`` next to the repository root."""
+    env = os.environ.get("AST_DATA_MIRROR")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def default_cache_dir(mirror: Path) -> Path:
+    """``$XDG_CACHE_HOME`` (or ``~/.cache``)/ast-pipeline/lm_eval_data/<hash of the mirror path>.
+
+    One folder per mirror, so two mirrors never overwrite each other's converted files.
+    """
+    root = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+    key = hashlib.sha256(str(Path(mirror).expanduser().resolve()).encode()).hexdigest()[:12]
+    return root / "ast-pipeline" / "lm_eval_data" / key
+
+
+def available_tasks(mirror: Path | None = None) -> dict[str, str]:
+    """Task name -> "local" when every source file is in ``mirror``, else "hub".
+
+    ``mirror=None`` means :func:`default_mirror`; a missing mirror makes every task "hub".
+    """
+    root = Path(mirror).expanduser() if mirror is not None else default_mirror()
+    out = {}
+    for name in TASKS:
+        src = LOCAL_SOURCES.get(name)
+        out[name] = "local" if src and all((root / f).is_file() for f in src.files) else "hub"
+    return out
+
+
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomic write that leaves an identical file untouched (its mtime keys the datasets cache)."""
+    if path.is_file() and path.read_bytes() == data:
+        return
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _local_yaml(name: str, src: LocalSource, mirror: Path, data_file: Path) -> str:
+    """The local variant: the package YAML with the data source replaced (JSON strings are YAML)."""
+    q = json.dumps
+    splits = {"training_split": None, "validation_split": None, "test_split": None}
+    splits[f"{src.split}_split"] = src.split
+    lines = [
+        f"# Generated by ast_core.zeroshot.prepare_local_tasks from {', '.join(src.files)}",
+        f"# in {mirror}; rewritten on every call, do not edit.",
+        f"include: {q(str(TASKS_DIR / f'{name}.yaml'))}",
+        "dataset_path: json",
+        "dataset_name: null",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    {src.split}: {q(str(data_file))}",
+        *(f"{k}: {'null' if v is None else v}" for k, v in splits.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def prepare_local_tasks(mirror: Path, out_dir: Path) -> Path:
+    """Convert every task the mirror has into ``out_dir/data/<task>.jsonl`` + ``out_dir/<task>.yaml``.
+
+    Returns ``out_dir``, the folder to give lm-eval as ``include_path``. Idempotent: files whose
+    content would not change are not rewritten. Tasks missing from the mirror are skipped.
+    """
+    mirror = Path(mirror).expanduser().resolve()
+    out_dir = Path(out_dir).expanduser().resolve()
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    for name, kind in available_tasks(mirror).items():
+        if kind != "local":
+            continue
+        src = LOCAL_SOURCES[name]
+        rows = src.convert([mirror / f for f in src.files])
+        data_file = out_dir / "data" / f"{name}.jsonl"
+        payload = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+        _write_if_changed(data_file, payload)
+        _write_if_changed(out_dir / f"{name}.yaml", _local_yaml(name, src, mirror, data_file).encode("utf-8"))
+    return out_dir
+
+
+def resolve_tasks(tasks: list[str], mirror: Path | None = None, offline: bool = True,
+                  cache_dir: Path | None = None) -> tuple[list[str], Path | None]:
+    """lm-eval task specs for ``tasks`` and the include path holding the local ones.
+
+    Local tasks are given by name (indexed from the include path); hub tasks by the absolute
+    path of the package YAML, so no local and hub definition of one name meet in one index.
+    Raises ``ValueError`` naming the task when it is unknown, or hub-only while ``offline``.
+    """
+    root = Path(mirror).expanduser() if mirror is not None else default_mirror()
+    kinds = available_tasks(root)
+    for name in tasks:
+        if name not in kinds:
+            raise ValueError(f"unknown zero-shot task {name!r}; supported: {', '.join(TASKS)}")
+        if kinds[name] == "hub" and offline:
+            where = (f"its files ({', '.join(LOCAL_SOURCES[name].files)}) are not in the mirror {root}"
+                     if name in LOCAL_SOURCES else "the data mirror has no copy of it")
+            raise ValueError(f"zero-shot task {name!r} needs the Hugging Face hub: {where}, "
+                             "and offline=True forbids the hub")
+    include = None
+    if any(kinds[t] == "local" for t in tasks):
+        include = prepare_local_tasks(root, cache_dir if cache_dir is not None else default_cache_dir(root))
+    specs = [t if kinds[t] == "local" else str(TASKS_DIR / f"{t}.yaml") for t in tasks]
+    return specs, include
+
+
+def zero_shot(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None,
+              batch_size: int = 8, mirror: Path | None = None, offline: bool = True,
+              metric: str = "acc", cache_dir: Path | None = None) -> dict[str, float]:
+    """Zero-shot ``metric`` per task via ``lm_eval.simple_evaluate`` on an in-memory model.
+
+    ``limit`` takes the first ``limit`` documents of each task (lm-eval's order). The model is
+    evaluated in eval mode and its train/eval mode is restored afterwards; the global RNGs are
+    not reseeded (lm-eval would otherwise reset them), so a training run is not perturbed.
+    """
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    specs, include = resolve_tasks(list(tasks), mirror, offline, cache_dir)
+    manager = TaskManager(include_path=str(include) if include else None, include_defaults=False)
+    was_training = model.training
+    model.eval()
+    try:
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        out = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=0,
+                                      limit=limit, bootstrap_iters=0, log_samples=False,
+                                      random_seed=None, numpy_random_seed=None, torch_random_seed=None)
+    finally:
+        model.train(was_training)
+    results = out["results"]
+    scores = {}
+    for name in tasks:
+        key = f"{metric},none"
+        if key not in results[name]:
+            raise ValueError(f"task {name!r} has no metric {metric!r}; it reports "
+                             f"{sorted(k.split(',')[0] for k in results[name] if ',' in k)}")
+        scores[name] = float(results[name][key])
+    return scores

@@ -1,0 +1,60 @@
+"""Stage 2, cache-teacher: run the dense teacher once, store sparse KD targets.
+
+Skipped (and marked so) when the method needs no teacher or the cache is
+disabled (then training runs the teacher online).
+"""
+
+from __future__ import annotations
+
+from ast_core.models import check_same_tokenizer, load_model, load_tokenizer, tokenizer_fingerprint
+from ast_core.teacher_cache import TeacherCache, build_cache, fingerprint, weights_hash
+
+from .common import RunContext, log, torch_dtype
+from .prepare import load_blocks
+
+
+def teacher_spec(ctx: RunContext) -> str:
+    return ctx.cfg.model.teacher or ctx.cfg.model.student
+
+
+def needed(ctx: RunContext) -> bool:
+    return ctx.cfg.train.uses_kd and ctx.cfg.teacher_cache.enabled
+
+
+def load_teacher(ctx: RunContext):
+    """The dense teacher, after checking it shares the student's tokenizer."""
+    m = ctx.cfg.model
+    spec = teacher_spec(ctx)
+    if spec != m.student:
+        check_same_tokenizer(load_tokenizer(spec, m.trust_remote_code), load_tokenizer(m.student, m.trust_remote_code))
+    return load_model(spec, torch_dtype(m.dtype), seed=ctx.cfg.seed, trust_remote_code=m.trust_remote_code)
+
+
+def expected_fingerprint(ctx: RunContext, teacher) -> dict:
+    c, manifest = ctx.cfg, ctx.require("prepare")["manifest"]
+    tok = load_tokenizer(teacher_spec(ctx), c.model.trust_remote_code)
+    return fingerprint(teacher=weights_hash(teacher), tokenizer=tokenizer_fingerprint(tok), data=manifest["hash"],
+                       seq_len=c.data.seq_len, fmt=c.teacher_cache.format, k=c.teacher_cache.k,
+                       samples=c.teacher_cache.samples, temperature=c.train.temperature, seed=c.seed)
+
+
+def run(ctx: RunContext) -> dict:
+    manifest = ctx.require("prepare")["manifest"]
+    if not needed(ctx):
+        info = {"skipped": "method needs no teacher" if not ctx.cfg.train.uses_kd else "cache disabled"}
+        ctx.mark_done("cache-teacher", "skipped:" + manifest["hash"], **info)
+        return info
+    teacher = load_teacher(ctx)
+    fp = expected_fingerprint(ctx, teacher)
+    root = ctx.stage_dir("cache-teacher") / "cache"
+    try:
+        cache = TeacherCache(root, fp)
+        log.info("cache-teacher: up to date (%s)", root)
+    except (FileNotFoundError, ValueError):
+        cache = build_cache(root, teacher, load_blocks(ctx, "train"), fp,
+                            batch_size=ctx.cfg.teacher_cache.batch_size, progress=ctx.progress)
+    info = {"fingerprint_fields": fp, "bytes_per_token": cache.bytes_per_token, "blocks": cache.n_blocks}
+    ctx.mark_done("cache-teacher", str(sorted(fp.items())), **info)
+    log.info("cache-teacher: %s, %.0f bytes per token", fp["format"], cache.bytes_per_token)
+    print(f"teacher cache: {cache.bytes_per_token:.0f} bytes per token ({fp['format']})")
+    return info

@@ -1,0 +1,102 @@
+"""``ast-pipeline``: run the whole pipeline, one stage, or verify an export.
+
+Every expected failure (bad params, missing input, mismatched cache, corrupt
+checkpoint, diverged training) exits non-zero with one line naming the cause,
+no traceback; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .common import STAGES
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ast-pipeline", description=__doc__.splitlines()[0])
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--params", required=True, help="params/NAME.yaml")
+        sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one param (repeatable)")
+        sp.add_argument("--out", default=None, help="run directory (default artifacts/<name>/)")
+        sp.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+        sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    common(sub.add_parser("run", help="all five stages"))
+    st = sub.add_parser("stage", help="one stage")
+    st.add_argument("stage", choices=STAGES)
+    common(st)
+    ch = sub.add_parser("check", help="validate a params file and print the resolved config")
+    ch.add_argument("--params", required=True)
+    ch.add_argument("--set", dest="overrides", action="append", default=[])
+    v = sub.add_parser("verify", help="exit 0 only if every sparse linear in an export is exactly N:M")
+    v.add_argument("path", help="DIR/export/hf")
+    v.add_argument("--n", type=int, default=2)
+    v.add_argument("--m", type=int, default=4)
+    return p
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from ast_core.checkpoint import CheckpointError
+    from ast_core.data import DataSourceError
+    from ast_core.models import ModelSpecError
+    from ast_core.slorb import SLoRBError
+    from ast_core.sparse import SparsityError
+    from ast_core.teacher_cache import CacheMismatch
+    from ast_core.train import TrainingDiverged
+
+    from .common import StageError
+    from .config import ConfigError
+    return (ConfigError, StageError, ModelSpecError, DataSourceError, SparsityError, CacheMismatch,
+            CheckpointError, TrainingDiverged, SLoRBError, FileNotFoundError, PermissionError, OSError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - classified below
+        if args.debug or not isinstance(exc, _expected_errors()):
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .config import load_config
+    if args.command == "verify":
+        from ast_core.export import verify_hf_dir
+        report = verify_hf_dir(Path(args.path), args.n, args.m)
+        print(report)
+        return 0 if report.ok else 1
+    cfg = load_config(args.params, args.overrides)  # validated before any work
+    if args.command == "check":
+        import yaml
+        print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        return 0
+    from .common import RunContext, configure_threads
+    from .pipeline import run_all, run_stage
+    configure_threads()
+    ctx = RunContext.create(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    if args.command == "run":
+        metrics = run_all(ctx)
+        print(f"done: {ctx.out / 'metrics.json'} (ppl {metrics['ppl_wikitext2']:.2f} sparse, "
+              f"{metrics['ppl_wikitext2_dense']:.2f} dense)")
+    else:
+        ctx.out.mkdir(parents=True, exist_ok=True)  # stages follow their inputs (DVC re-runs them)
+        run_stage(ctx, args.stage)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

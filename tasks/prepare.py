@@ -1,0 +1,70 @@
+"""Stage 1, prepare: training text -> fixed-length token blocks + validation + calibration.
+
+Outputs (``prepare/``): ``train.npy``, ``val.npy``, ``calib.npy`` (uint16/uint32
+[blocks, seq_len], memory-mappable) and ``manifest.json`` (source, sha256 of
+the inputs, tokenizer, counts). Same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+
+from ast_core.checkpoint import atomic_write_json
+from ast_core.data import describe_source, load_texts, split_blocks, tokenize_blocks
+from ast_core.models import load_tokenizer, tokenizer_fingerprint
+
+from .common import RunContext, hash_json, log
+
+
+def fingerprint(ctx: RunContext) -> str:
+    return hash_json({"data": ctx.cfg.data.model_dump(mode="json"), "seed": ctx.cfg.seed,
+                      "tokenizer": ctx.cfg.model.student})
+
+
+def _save_npy(path: Path, arr: np.ndarray) -> str:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr)
+    tmp.replace(path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run(ctx: RunContext) -> dict:
+    fp = fingerprint(ctx)
+    if ctx.is_done("prepare", fp):
+        log.info("prepare: up to date")
+        return ctx.done("prepare")["manifest"]
+    d, cfg = ctx.cfg.data, ctx.cfg
+    tok = load_tokenizer(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
+    texts = load_texts(d.source, d.split, max_docs=d.max_docs)
+    blocks = tokenize_blocks(texts, tok, d.seq_len)
+    train, val, calib = split_blocks(blocks, d.val_blocks, d.calib_blocks, cfg.seed)
+    if d.max_train_blocks is not None:
+        train = train[: d.max_train_blocks]
+    out = ctx.stage_dir("prepare")
+    out.mkdir(parents=True, exist_ok=True)
+    hashes = {name: _save_npy(out / f"{name}.npy", arr)
+              for name, arr in (("train", train), ("val", val), ("calib", calib))}
+    manifest = {
+        "source": describe_source(d.source, d.split),
+        "tokenizer": {"spec": cfg.model.student, "fingerprint": tokenizer_fingerprint(tok), "vocab": len(tok)},
+        "seq_len": d.seq_len,
+        "counts": {"documents": len(texts), "train_blocks": int(len(train)), "val_blocks": int(len(val)),
+                   "calib_blocks": int(len(calib)), "train_tokens": int(train.size)},
+        "dtype": str(train.dtype),
+        "sha256": hashes,
+    }
+    manifest["hash"] = hash_json(manifest)
+    atomic_write_json(out / "manifest.json", manifest)
+    ctx.mark_done("prepare", fp, manifest=manifest)
+    log.info("prepare: %d train / %d val / %d calib blocks of %d tokens", len(train), len(val), len(calib),
+             d.seq_len)
+    return manifest
+
+
+def load_blocks(ctx: RunContext, split: str) -> np.ndarray:
+    ctx.require("prepare")
+    return np.load(ctx.stage_dir("prepare") / f"{split}.npy", mmap_mode="r")

@@ -1,0 +1,142 @@
+"""Stage 3, train: AST sparse training (or a one-shot baseline) from the dense weights.
+
+Outputs (``train/``): ``checkpoints/`` (resumable), ``final/model.safetensors``
+(weights + masks + SLoRB), ``final/meta.json`` (how to rebuild the model) and
+``history.jsonl`` (per-step metrics).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ast_core.calibration import collect_act_sq_mean
+from ast_core.checkpoint import atomic_write_json, atomic_write_text, load_model_tensors, state_dict_tensors
+from ast_core.masks import magnitude_score, nm_mask, wanda_score
+from ast_core.models import load_model
+from ast_core.oneshot import oneshot_prune
+from ast_core.slorb import add_slorb
+from ast_core.sparse import sparse_layers, sparsify
+from ast_core.teacher_cache import TeacherCache
+from ast_core.train import CachedTeacher, OnlineTeacher, StepLog, train
+
+from . import cache_teacher
+from .common import RunContext, StageError, hash_json, log, torch_dtype
+from .prepare import load_blocks
+
+
+def fingerprint(ctx: RunContext) -> str:
+    c = ctx.cfg
+    return hash_json({"prepare": ctx.require("prepare")["fingerprint"],
+                      "cache": (ctx.done("cache-teacher") or {}).get("fingerprint"),
+                      "model": c.model.model_dump(mode="json"), "sparsity": c.sparsity.model_dump(mode="json"),
+                      "train": c.train.model_dump(mode="json"), "seed": c.seed})
+
+
+def _calib_batches(ctx: RunContext, batch: int = 4) -> list[torch.Tensor]:
+    calib = load_blocks(ctx, "calib")
+    return [torch.from_numpy(calib[i:i + batch].astype(np.int64)) for i in range(0, len(calib), batch)]
+
+
+def init_masks(model: torch.nn.Module, how: str, calib: list[torch.Tensor]) -> None:
+    """Initial N:M mask: Wanda score from calibration activations, or magnitude."""
+    stats = collect_act_sq_mean(model, calib) if how == "wanda" else {}
+    for name, layer in sparse_layers(model):
+        score = wanda_score(layer.weight, stats[name]) if how == "wanda" else magnitude_score(layer.weight)
+        layer.set_mask(nm_mask(score, layer.n, layer.m))
+
+
+def build_student(ctx: RunContext) -> torch.nn.Module:
+    """Dense student -> sparse layers (masks all ones) [+ SLoRB is attached after the mask]."""
+    c = ctx.cfg
+    model = load_model(c.model.student, torch_dtype(c.model.dtype), seed=c.seed,
+                       trust_remote_code=c.model.trust_remote_code)
+    if c.train.method != "dense":
+        sparsify(model, c.sparsity.n, c.sparsity.m, c.sparsity.exclude)
+    return model
+
+
+def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
+        stop_after: int | None = None) -> dict:
+    c = ctx.cfg
+    fp = fingerprint(ctx)
+    if ctx.is_done("train", fp):
+        log.info("train: up to date")
+        return ctx.done("train")
+    out = ctx.stage_dir("train")
+    ckpt_dir = out / "checkpoints"
+    resuming = ctx.resume and (ckpt_dir / "latest").exists()
+    if not resuming and ckpt_dir.exists():
+        import shutil
+        shutil.rmtree(ckpt_dir)  # a fresh run never mixes with an old run's checkpoints
+    torch.manual_seed(c.seed)
+    model = build_student(ctx)
+    method = c.train.method
+    info: dict = {"method": method}
+    if method.startswith("oneshot-"):
+        info.update(oneshot_prune(model, method.removeprefix("oneshot-"), _calib_batches(ctx)))
+    elif method != "dense":
+        if not resuming:
+            init_masks(model, c.sparsity.init_mask, _calib_batches(ctx))
+        if method == "ast-boosted":
+            info["slorb_params"] = add_slorb(model, c.train.slorb_group, c.train.slorb_trainable_projection)
+        teacher = None
+        if c.train.uses_kd:
+            if cache_teacher.needed(ctx):
+                done = ctx.require("cache-teacher")
+                teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache",
+                                                     done["fingerprint_fields"]))
+            else:
+                teacher = OnlineTeacher(cache_teacher.load_teacher(ctx), want_hidden=c.train.squarehead)
+        result = train(model, load_blocks(ctx, "train"), c.train, seed=c.seed, teacher=teacher,
+                       checkpoint_dir=ckpt_dir, resume=resuming, on_step=on_step, progress=ctx.progress,
+                       stop_after=stop_after)
+        if result.steps < c.train.steps:
+            raise StageError(f"training stopped at step {result.steps} of {c.train.steps}; "
+                             "continue with --resume")
+        atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
+        info.update(tokens_trained=result.tokens, steps=result.steps, resumed_from=result.resumed_from,
+                    flip_rate_final=result.last_flip.rate_prev if result.last_flip else 0.0,
+                    flip_rate_init_final=result.last_flip.rate_init if result.last_flip else 0.0)
+    save_final(ctx, model, info)
+    ctx.mark_done("train", fp, **info)
+    return ctx.done("train")
+
+
+def save_final(ctx: RunContext, model: torch.nn.Module, info: dict) -> None:
+    c = ctx.cfg
+    final = ctx.stage_dir("train") / "final"
+    final.mkdir(parents=True, exist_ok=True)
+    tmp = final / ".model.safetensors.tmp"
+    save_file(state_dict_tensors(model), str(tmp))
+    tmp.replace(final / "model.safetensors")
+    meta = {"student": c.model.student, "dtype": c.model.dtype, "seed": c.seed, "method": c.train.method,
+            "n": c.sparsity.n, "m": c.sparsity.m, "exclude": c.sparsity.exclude,
+            "slorb_group": c.train.slorb_group if c.train.method == "ast-boosted" else None,
+            "slorb_trainable_projection": c.train.slorb_trainable_projection, **info}
+    atomic_write_json(final / "meta.json", meta)
+
+
+def load_trained(ctx: RunContext) -> torch.nn.Module:
+    """Rebuild the trained model from ``train/final`` (the same modules it was trained with)."""
+    ctx.require("train")
+    final = ctx.stage_dir("train") / "final"
+    meta = json.loads((final / "meta.json").read_text())
+    return load_final(final, meta, ctx.cfg.model.trust_remote_code)
+
+
+def load_final(final: Path, meta: dict, trust_remote_code: bool = False) -> torch.nn.Module:
+    model = load_model(meta["student"], torch_dtype(meta["dtype"]), seed=meta["seed"],
+                       trust_remote_code=trust_remote_code)
+    if meta["method"] != "dense":
+        sparsify(model, meta["n"], meta["m"], meta["exclude"])
+    if meta.get("slorb_group"):
+        add_slorb(model, meta["slorb_group"], meta["slorb_trainable_projection"])
+    load_model_tensors(model, load_file(str(final / "model.safetensors")), str(final / "model.safetensors"))
+    model.eval()
+    return model
