@@ -15,6 +15,7 @@ carry the model as a single value):
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,11 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     return ResolvedSpec("pretrained", spec)  # a hub id; works where the hub is reachable
 
 
+@functools.lru_cache(maxsize=1)
+def _embedded_vocab_size() -> int:
+    return len(AutoTokenizer.from_pretrained(embedded.ensure_converted()))
+
+
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     r = resolve_spec(spec)
     if r.kind in ("embedded", "tiny"):
@@ -100,7 +106,7 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
     if r.kind == "embedded":
         model = AutoModelForCausalLM.from_pretrained(embedded.ensure_converted(), dtype=dtype)
     elif r.kind == "tiny":
-        vocab = len(load_tokenizer(spec))
+        vocab = _embedded_vocab_size()
         cfg = tiny_config(r.location, vocab)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -206,7 +206,7 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int = 2, m: int
     row_idx = torch.arange(rows, device=w.device)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
-        w1, u1 = w[:, i1:i2], u[i1:i2, i1:i2]  # views: updates land in w
+        w1, u1 = w[:, i1:i2].clone(), u[i1:i2, i1:i2].contiguous()
         err1 = torch.zeros_like(w1)
         for g in range(0, i2 - i1, m):
             grp = slice(g, g + m)
@@ -227,6 +227,7 @@ def sparsegpt_nm(weight: torch.Tensor, hessian: torch.Tensor, n: int = 2, m: int
             w1[:, grp] *= k  # pruned entries are now ~0; make them exactly 0
             err1[:, grp] = e
             keep[:, i1 + g:i1 + g + m] = k
+        w[:, i1:i2] = w1
         if i2 < cols:
             w[:, i2:] -= err1 @ u[i1:i2, i2:]
     return w.to(weight.dtype), keep
@@ -254,7 +255,8 @@ def oneshot_prune(model: nn.Module, method: str, calib_batches: Iterable[Batch] 
                   **kw: Any) -> dict[str, Any]:
     """Prune a sparsified model in one shot with ``method`` ∈ {magnitude, wanda, sparsegpt}.
 
-    Returns ``{"method", "layers", "seconds"}``. Afterwards every sparse layer's
+    Returns ``{"oneshot_method", "layers_pruned", "oneshot_seconds"}`` (keys that
+    do not clash with a caller's own run info). Afterwards every sparse layer's
     mask is exactly N:M (checked here: a violation is a bug, so it raises).
     """
     if method not in METHODS:
@@ -274,4 +276,4 @@ def oneshot_prune(model: nn.Module, method: str, calib_batches: Iterable[Batch] 
     bad = [name for name, layer in _layers(model) if not mask_is_exact(layer.mask, layer.n, layer.m)]
     if bad:
         raise RuntimeError(f"{method} left non-exact N:M masks in {len(bad)} layers: {', '.join(bad[:5])}")
-    return {"method": method, "layers": len(names), "seconds": round(seconds, 3)}
+    return {"oneshot_method": method, "layers_pruned": len(names), "oneshot_seconds": round(seconds, 3)}

@@ -166,6 +166,7 @@ def test_int_mask_is_refused():
 
 def test_mask_changed_in_place_redirects_the_decay():
     layer = SparseLinear(16, 4, bias=False).double()
+    nn.init.normal_(layer.weight)  # SparseLinear allocates with torch.empty
     layer.set_mask(nm_mask(layer.weight.detach().abs()))
     masks = masks_for(layer)
     assert masks[layer.weight] is layer.mask

@@ -1,0 +1,169 @@
+"""Mask refresh: exact flip counts, exact N:M masks, in-place buffers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from ast_core.masks import mask_is_exact, nm_mask
+from ast_core.refresh import FlipStats, magnitude_nm_mask, pruned_kept_ratio, refresh_masks, snapshot_masks
+from ast_core.sparse import SparseLinear, sparse_layers
+
+
+class TwoLayers(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = SparseLinear(8, 6, bias=False)
+        self.down = SparseLinear(12, 4, bias=False)
+
+
+def _staircase(rows: int, cols: int) -> torch.Tensor:
+    """Every group of 4 is [4, 3, 2, 1] (alternating signs): the 2:4 mask keeps columns 0 and 1."""
+    base = torch.tensor([4.0, -3.0, 2.0, -1.0]).repeat(rows, cols // 4)
+    return base + 0.01 * torch.arange(rows).unsqueeze(1)
+
+
+def _model() -> TwoLayers:
+    model = TwoLayers()
+    with torch.no_grad():
+        for _, layer in sparse_layers(model):
+            layer.weight.copy_(_staircase(*layer.weight.shape))
+            layer.set_mask(nm_mask(layer.weight.abs()))
+    return model
+
+
+def _promote(layer: SparseLinear, row: int, group: int) -> None:
+    """Make entry 2 of a group the largest: entry 1 drops out, so 2 bits flip."""
+    with torch.no_grad():
+        layer.weight[row, 4 * group + 2] = 10.0
+
+
+def _restore(layer: SparseLinear, row: int, group: int) -> None:
+    with torch.no_grad():
+        layer.weight[row, 4 * group + 2] = 2.0 + 0.01 * row
+
+
+def test_flip_counts_against_previous_and_initial_masks_are_exact():
+    model = _model()
+    initial = snapshot_masks(model)
+    assert refresh_masks(model, initial).changed_prev == 0  # magnitude masks are a fixed point
+
+    moved_up = [(0, 0), (3, 1), (5, 0)]
+    for row, grp in moved_up:
+        _promote(model.up, row, grp)
+    _promote(model.down, 2, 2)
+    stats = refresh_masks(model, initial)
+    assert stats.per_layer == {"up": (6, 6), "down": (2, 2)}
+    assert (stats.changed_prev, stats.changed_init) == (8, 8)
+    assert stats.total == 6 * 8 + 4 * 12
+    assert stats.rate_prev == pytest.approx(8 / 96)
+
+    # Move one group back (2 flips vs previous, 0 vs initial) and two new ones (4 and 4).
+    _restore(model.up, 0, 0)
+    _promote(model.up, 1, 1)
+    _promote(model.up, 4, 0)
+    stats = refresh_masks(model, initial)
+    assert stats.per_layer == {"up": (6, 8), "down": (0, 2)}
+    assert (stats.changed_prev, stats.changed_init, stats.total) == (6, 10, 96)
+    assert stats.rate_init == pytest.approx(10 / 96)
+
+
+def test_refresh_writes_exact_2_4_masks_into_the_same_buffers():
+    torch.manual_seed(1)
+    model = TwoLayers()
+    for _, layer in sparse_layers(model):
+        nn.init.normal_(layer.weight)
+    buffers = {name: layer.mask for name, layer in sparse_layers(model)}
+    ptrs = {name: layer.mask.data_ptr() for name, layer in sparse_layers(model)}
+    stats = refresh_masks(model)
+    for name, layer in sparse_layers(model):
+        assert layer.mask is buffers[name] and layer.mask.data_ptr() == ptrs[name]
+        assert mask_is_exact(layer.mask, 2, 4)
+        assert torch.equal(layer.mask, nm_mask(layer.weight.detach().abs(), 2, 4))
+    assert stats.changed_init == 0 and stats.changed_prev == stats.total // 2  # all-ones → 2:4
+
+
+def test_refresh_uses_each_layer_pattern():
+    layer = SparseLinear(16, 3, bias=False, n=2, m=8)
+    nn.init.normal_(layer.weight)
+    model = nn.Sequential(layer)
+    refresh_masks(model)
+    assert mask_is_exact(layer.mask, 2, 8)
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (4, 16)])
+def test_rank_count_mask_equals_nm_mask_including_ties(n, m):
+    g = torch.Generator().manual_seed(n * 100 + m)
+    dense = torch.randn(33, 4 * m, generator=g)
+    ties = torch.randint(-2, 3, (33, 4 * m), generator=g).float()  # many equal magnitudes, ± pairs
+    for w in (dense, ties, torch.zeros(5, m)):
+        assert torch.equal(magnitude_nm_mask(w, n, m), nm_mask(w.abs(), n, m))
+
+
+def test_rank_count_mask_compares_in_float32_like_nm_mask():
+    w = torch.tensor([[1.0, 1.0 + 1e-12, 0.5, 0.25]], dtype=torch.float64)  # equal in float32
+    assert torch.equal(magnitude_nm_mask(w), nm_mask(w.abs()))
+
+
+def test_refresh_without_initial_reports_zero_initial_flips_and_rejects_missing_names():
+    model = _model()
+    _promote(model.up, 0, 0)
+    stats = refresh_masks(model)
+    assert isinstance(stats, FlipStats) and stats.changed_prev == 2 and stats.changed_init == 0
+    with pytest.raises(KeyError, match="down"):
+        refresh_masks(model, {"up": model.up.mask.clone()})
+
+
+def test_pruned_kept_ratio_on_known_weights():
+    model = _model()
+    # up: kept |4|,|3| → mean 3.5+r, pruned |2|,|1| → 1.5+r; both layers pooled.
+    expected_kept, expected_pruned = [], []
+    for _, layer in sparse_layers(model):
+        w = layer.weight.detach().abs()
+        expected_kept.append(w[layer.mask])
+        expected_pruned.append(w[~layer.mask])
+    expected = torch.cat(expected_pruned).mean() / torch.cat(expected_kept).mean()
+    assert pruned_kept_ratio(model) == pytest.approx(float(expected), rel=1e-6)
+    assert 0.3 < pruned_kept_ratio(model) < 0.5
+    with torch.no_grad():
+        for _, layer in sparse_layers(model):
+            layer.weight.mul_(layer.mask)
+    assert pruned_kept_ratio(model) == 0.0
+
+
+def _train_tiny_llama(lam: float, steps: int = 5):
+    from ast_core.models import load_model
+    from ast_core.optim import ASTAdamW, build_param_groups, masks_for
+    from ast_core.sparse import sparsify
+
+    model = load_model("tiny:llama", seed=0)
+    sparsify(model)
+    refresh_masks(model)
+    initial = snapshot_masks(model)
+    model.train()
+    opt = ASTAdamW(build_param_groups(model), lr=1e-3, masks=masks_for(model))
+    for grp in opt.param_groups:
+        grp["sparse_decay"] = lam
+    ids = torch.randint(0, 1000, (2, 16), generator=torch.Generator().manual_seed(0))
+    for _ in range(steps):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model, opt, initial
+
+
+def test_decay_during_training_shrinks_pruned_weights_relative_to_kept():
+    no_decay, _, _ = _train_tiny_llama(0.0)
+    decayed, _, _ = _train_tiny_llama(0.5)
+    assert pruned_kept_ratio(decayed) < 0.5 * pruned_kept_ratio(no_decay)
+
+
+def test_refresh_after_training_keeps_exact_2_4_in_the_optimizer_buffers():
+    model, opt, initial = _train_tiny_llama(0.0)
+    stats = refresh_masks(model, initial)
+    for name, layer in sparse_layers(model):
+        assert mask_is_exact(layer.mask, 2, 4), name
+        assert opt.masks[layer.weight] is layer.mask
+    assert sum(p for p, _ in stats.per_layer.values()) == stats.changed_prev
+    assert stats.changed_prev == stats.changed_init > 0  # first refresh after training: prev == initial
