@@ -36,7 +36,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 FORMATS = ("topk", "sampled", "head+sampled")
 _F32_EPS = float(torch.finfo(torch.float32).eps)
@@ -195,6 +194,7 @@ def make_targets(teacher_logits: torch.Tensor, fmt: str, k: int = 64, samples: i
     if fmt == "sampled":
         return sampled_targets(teacher_logits, samples, temperature, generator)
     if fmt == "head+sampled":
+        _check_vocab_k(k, teacher_logits.shape[-1], "k (the exact head size)")
         return sampled_targets(teacher_logits, samples, temperature, generator, head_k=k)
     raise ValueError(f"unknown target format {fmt!r}; expected one of {FORMATS}")
 
@@ -295,15 +295,23 @@ def squarehead_loss(student_hidden: list[torch.Tensor], teacher_hidden: list[tor
 
 def logit_grad_error(student_logits: torch.Tensor, targets: dict[str, torch.Tensor], fmt: str,
                      teacher_logits: torch.Tensor, temperature: float = 2.0,
-                     token_mask: torch.Tensor | None = None) -> float:
-    """‖∇_s L_cache − ∇_s KL_full‖ / ‖∇_s KL_full‖ over all tokens (autograd, float64 norms).
+                     token_mask: torch.Tensor | None = None, per_token: bool = True) -> float:
+    """Relative L2 error ‖∇_s L_cache − ∇_s KL_full‖ / ‖∇_s KL_full‖ (autograd; float64 norms).
 
     How far the cached target's gradient on the student logits is from the
-    online teacher's; 0 means the cache is as good as the teacher for this batch.
+    online teacher's; 0 means the cache is as good as the teacher. Default
+    (``per_token``): each token's own ratio over its V logits, averaged over
+    tokens — the measure DESIGN.md quotes. ``per_token=False``: one ratio over
+    all tokens together (what the batch gradient sees; smaller, because tokens
+    with large gradients dominate it).
     """
     s_cache = student_logits.detach().float().requires_grad_(True)
     (g_cache,) = torch.autograd.grad(kl_from_targets(s_cache, targets, fmt, temperature, token_mask), s_cache)
     s_full = student_logits.detach().float().requires_grad_(True)
     (g_full,) = torch.autograd.grad(kl_full(s_full, teacher_logits, temperature, token_mask), s_full)
+    if per_token:
+        err = torch.linalg.vector_norm((g_cache - g_full).double(), dim=-1)
+        ratio = err / torch.linalg.vector_norm(g_full.double(), dim=-1).clamp_min(1e-300)
+        return float(_masked_token_mean(ratio, token_mask))
     err = torch.linalg.vector_norm((g_cache - g_full).double())
     return float(err / torch.linalg.vector_norm(g_full.double()).clamp_min(1e-300))

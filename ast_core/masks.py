@@ -27,10 +27,18 @@ def nm_mask(score: torch.Tensor, n: int = 2, m: int = 4) -> torch.Tensor:
     rows, cols = score.shape
     if cols % m:
         raise ValueError(f"in_features={cols} is not divisible by M={m}")
-    groups = score.detach().float().reshape(rows, cols // m, m)
-    order = torch.argsort(-groups, dim=-1, stable=True)
-    keep = torch.zeros_like(groups, dtype=torch.bool)
-    keep.scatter_(-1, order[..., :n], True)
+    g = score.detach().float().reshape(rows, cols // m, m)
+    # rank_i = #{j: s_j > s_i} + #{j < i: s_j == s_i}; keep rank < n. Ties go to the lower
+    # column. The double loop runs over the M positions of a group (M² small vector ops over
+    # all groups at once), several times faster on CPU than a stable argsort over size-M rows.
+    cols_ = [g[..., i] for i in range(m)]
+    keep = torch.empty_like(g, dtype=torch.bool)
+    for i in range(m):
+        rank = torch.zeros_like(cols_[i], dtype=torch.int8)
+        for j in range(m):
+            if j != i:
+                rank += (cols_[j] >= cols_[i]) if j < i else (cols_[j] > cols_[i])
+        keep[..., i] = rank < n
     return keep.reshape(rows, cols)
 
 

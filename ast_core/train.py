@@ -228,14 +228,14 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
                 if cfg.squarehead and isinstance(teacher, OnlineTeacher) and teacher.last_hidden:
                     sq = squarehead_loss(list(out.hidden_states[1:]), list(teacher.last_hidden[1:]))
                     loss = loss + cfg.squarehead_weight * sq
-                    sq_sum += float(sq)
+                    sq_sum += float(sq.detach())
             if not torch.isfinite(loss):
                 raise TrainingDiverged(f"loss is {float(loss)} at step {step}; last good checkpoint: "
                                        f"{last_good or 'none (nothing was written)'}")
             (loss / cfg.grad_accum).backward()
-            ce_sum += float(ce)
-            kl_sum += float(kl)
-            loss_sum += float(loss)
+            ce_sum += float(ce.detach())
+            kl_sum += float(kl.detach())
+            loss_sum += float(loss.detach())
             tokens += input_ids.numel()
 
         grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))

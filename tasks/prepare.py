@@ -41,7 +41,7 @@ def run(ctx: RunContext) -> dict:
     tok = load_tokenizer(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
     texts = load_texts(d.source, d.split, max_docs=d.max_docs)
     blocks = tokenize_blocks(texts, tok, d.seq_len)
-    train, val, calib = split_blocks(blocks, d.val_blocks, d.calib_blocks, cfg.seed)
+    train, val, calib = split_blocks(blocks, n_val=d.val_blocks, calib_n=d.calib_blocks, seed=cfg.seed)
     if d.max_train_blocks is not None:
         train = train[: d.max_train_blocks]
     out = ctx.stage_dir("prepare")

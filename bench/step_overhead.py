@@ -1,0 +1,184 @@
+"""Step-time overhead of AST over plain masked fine-tuning (DESIGN.md §5: goal ≤ 1.03×).
+
+Two copies of SmolLM2-135M, sparsified with the same 2:4 magnitude masks, are
+trained side by side on the same batches, one step of each in turn (the order
+alternates every step, so drift on a shared machine hits both alike):
+
+  (a) plain: forward, CE loss, backward, clip 1.0, ``torch.optim.AdamW`` step;
+  (b) AST:   the same with :class:`ASTAdamW` (λ > 0 on every masked weight) and
+      ``refresh_masks`` every ``--refresh-every`` steps (its cost is in the step).
+
+Warm-up steps are excluded. Reports median and mean step times and their
+ratios (the mean carries the amortised refresh; the median mostly does not),
+plus the parts: forward+backward, optimizer step, refresh. Writes
+``bench/results/step_overhead.json``.
+
+    python bench/step_overhead.py [--steps N] [--seq-len L] [--batch B]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from ast_core.models import load_model, load_tokenizer  # noqa: E402
+from ast_core.optim import ASTAdamW, ASTSchedule, build_param_groups, masks_for  # noqa: E402
+from ast_core.refresh import magnitude_nm_mask, refresh_masks, snapshot_masks  # noqa: E402
+from ast_core.sparse import sparse_layers, sparsify  # noqa: E402
+
+MODEL = "embedded:smollm2-135m"
+C4 = REPO.parent / "shared" / "data" / "c4" / "c4-en-train.00000-of-01024.first1000.jsonl"
+
+
+def make_batches(n: int, batch: int, seq_len: int, data: Path) -> list[torch.Tensor]:
+    """``n`` batches of ``batch`` × ``seq_len`` tokens of C4 text (contiguous blocks)."""
+    tok = load_tokenizer(MODEL)
+    need = n * batch * seq_len
+    ids: list[int] = []
+    with data.open(encoding="utf-8") as f:
+        for line in f:
+            ids.extend(tok(json.loads(line)["text"])["input_ids"])
+            ids.append(tok.eos_token_id)
+            if len(ids) >= need:
+                break
+    if len(ids) < need:
+        raise SystemExit(f"{data} holds {len(ids)} tokens, need {need}; lower --steps/--batch/--seq-len")
+    return list(torch.tensor(ids[:need]).view(n, batch, seq_len))
+
+
+def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> tuple[float, float, float]:
+    t0 = time.perf_counter()
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    t1 = time.perf_counter()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, float(loss)
+
+
+def summary(xs: list[float]) -> dict[str, float]:
+    return {"median_s": statistics.median(xs), "mean_s": statistics.fmean(xs), "min_s": min(xs),
+            "max_s": max(xs)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--steps", type=int, default=30, help="measured steps per variant")
+    ap.add_argument("--warmup", type=int, default=3, help="unmeasured steps per variant")
+    ap.add_argument("--seq-len", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--refresh-every", type=int, default=10)
+    ap.add_argument("--lambda-max", type=float, default=1e-4, help="held from step 0 (T0 = 0): decay always on")
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--data", type=Path, default=C4)
+    ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "step_overhead.json")
+    args = ap.parse_args()
+
+    torch.manual_seed(0)
+    total = args.warmup + args.steps
+    batches = make_batches(total, args.batch, args.seq_len, args.data)
+
+    plain_model = load_model(MODEL)
+    sparsify(plain_model)
+    with torch.no_grad():
+        for _, layer in sparse_layers(plain_model):
+            layer.set_mask(magnitude_nm_mask(layer.weight))
+    ast_model = copy.deepcopy(plain_model)
+    plain_model.train()
+    ast_model.train()
+
+    sched = ASTSchedule(lambda_max=args.lambda_max, t0=0, peak_lr=args.lr, min_lr=args.lr / 10,
+                        warmup_steps=args.warmup, total_steps=total)
+    plain_opt = torch.optim.AdamW(build_param_groups(plain_model), lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
+    ast_opt = ASTAdamW(build_param_groups(ast_model), lr=args.lr, masks=masks_for(ast_model))
+    initial = snapshot_masks(ast_model)
+
+    rec: dict[str, dict[str, list[float]]] = {v: {"step": [], "fwd_bwd": [], "opt": [], "loss": []}
+                                              for v in ("plain", "ast")}
+    refresh_s: list[float] = []
+    flips: list[dict[str, float]] = []
+
+    def run(variant: str, i: int) -> None:
+        t0 = time.perf_counter()
+        if variant == "plain":
+            for g in plain_opt.param_groups:
+                g["lr"] = sched.lr(i)
+            fb, opt_s, loss = train_step(plain_model, plain_opt, batches[i])
+        else:
+            sched.apply(ast_opt, i)
+            fb, opt_s, loss = train_step(ast_model, ast_opt, batches[i])
+            if (i + 1) % args.refresh_every == 0:
+                r0 = time.perf_counter()
+                stats = refresh_masks(ast_model, initial)
+                if i >= args.warmup:
+                    refresh_s.append(time.perf_counter() - r0)
+                flips.append({"step": i + 1, "rate_prev": stats.rate_prev, "rate_init": stats.rate_init})
+        step_s = time.perf_counter() - t0
+        if i >= args.warmup:
+            for k, v in (("step", step_s), ("fwd_bwd", fb), ("opt", opt_s), ("loss", loss)):
+                rec[variant][k].append(v)
+
+    wall0 = time.perf_counter()
+    for i in range(total):
+        order = ("plain", "ast") if i % 2 == 0 else ("ast", "plain")
+        for variant in order:
+            run(variant, i)
+        print(f"step {i + 1}/{total}: plain {rec['plain']['step'][-1:] or '-'} ast {rec['ast']['step'][-1:] or '-'}",
+              flush=True)
+    wall = time.perf_counter() - wall0
+
+    plain, ast = rec["plain"], rec["ast"]
+    p_med, a_med = statistics.median(plain["step"]), statistics.median(ast["step"])
+    p_mean, a_mean = statistics.fmean(plain["step"]), statistics.fmean(ast["step"])
+    # Noise-robust estimate from the parts: extra optimizer time + amortised refresh.
+    opt_extra = statistics.median(ast["opt"]) - statistics.median(plain["opt"])
+    refresh_amortised = (sum(refresh_s) / len(ast["step"])) if refresh_s else 0.0
+    result = {
+        "model": MODEL, "batch": args.batch, "seq_len": args.seq_len, "measured_steps": args.steps,
+        "warmup_steps": args.warmup, "refresh_every": args.refresh_every, "lambda": args.lambda_max,
+        "second_moment": ast_opt.defaults["second_moment"],
+        "plain": {k: summary(v) for k, v in plain.items() if k != "loss"},
+        "ast": {k: summary(v) for k, v in ast.items() if k != "loss"},
+        "refresh": {"count_measured": len(refresh_s), **(summary(refresh_s) if refresh_s else {})},
+        "ratio_median": a_med / p_med, "ratio_mean": a_mean / p_mean,
+        "ratio_from_parts": 1.0 + (opt_extra + refresh_amortised) / p_med,
+        "goal": 1.03,
+        "loss_first_last": {"plain": [plain["loss"][0], plain["loss"][-1]], "ast": [ast["loss"][0], ast["loss"][-1]]},
+        "flip_rates": flips,
+        "wall_s": wall,
+        "env": {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                "load_avg": os.getloadavg(), "python": platform.python_version(),
+                "plain_optimizer": "torch.optim.AdamW (default implementation)"},
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2))
+
+    def ms(x: float) -> str:
+        return f"{1000 * x:8.1f} ms"
+    print(f"\n{'':14}{'plain':>11}{'AST':>11}")
+    for part in ("step", "fwd_bwd", "opt"):
+        print(f"{part + ' median':14}{ms(statistics.median(plain[part]))}{ms(statistics.median(ast[part]))}")
+    print(f"{'step mean':14}{ms(p_mean)}{ms(a_mean)}")
+    if refresh_s:
+        print(f"refresh: {ms(statistics.fmean(refresh_s))} mean over {len(refresh_s)} (every {args.refresh_every} steps)")
+    print(f"AST/plain: median {result['ratio_median']:.3f}  mean {result['ratio_mean']:.3f}  "
+          f"from parts {result['ratio_from_parts']:.3f}  (goal ≤ 1.03)")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

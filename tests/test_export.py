@@ -1,0 +1,236 @@
+"""HF export: stock load in a fresh process, verification from disk, SLoRB side files, atomicity."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from ast_core.export import ExportError, export_hf, load_with_slorb, verify_hf_dir, verify_model
+from ast_core.masks import magnitude_score, nm_mask
+from ast_core.models import load_model, load_tokenizer
+from ast_core.slorb import add_slorb, fold_is_exact, slorb_layers
+from ast_core.sparse import SparseLinear, sparse_layers, sparsify
+
+IDS = torch.tensor([[5, 17, 923, 4000, 12, 7, 301, 88, 2, 999, 45, 6]])
+
+_BASE: dict[str, torch.nn.Module] = {}
+
+
+def _sparse_model(spec: str) -> torch.nn.Module:
+    if spec not in _BASE:
+        _BASE[spec] = load_model(spec)
+    model = copy.deepcopy(_BASE[spec])
+    sparsify(model)
+    for _, layer in sparse_layers(model):
+        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
+    return model
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny:llama")
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tokenizer) -> dict:
+    """tiny:llama and tiny:gpt2 exported, and their logits from a fresh stock-transformers process."""
+    root = tmp_path_factory.mktemp("export")
+    out: dict = {}
+    for arch in ("llama", "gpt2"):
+        model = _sparse_model(f"tiny:{arch}")
+        out[arch] = {"dir": root / arch, "logits": _logits(model), "model": model,
+                     "result": export_hf(model, tokenizer, root / arch)}
+    torch.save(IDS, root / "ids.pt")
+    script = textwrap.dedent("""
+        import sys, torch
+        from transformers import AutoModelForCausalLM
+        ids = torch.load(sys.argv[1] + "/ids.pt")
+        for arch in ("llama", "gpt2"):
+            model = AutoModelForCausalLM.from_pretrained(sys.argv[1] + "/" + arch).eval()
+            with torch.no_grad():
+                torch.save(model(ids).logits, sys.argv[1] + "/" + arch + "_logits.pt")
+        assert not any(m.split(".")[0] == "ast_core" for m in sys.modules), "project code was imported"
+    """)
+    proc = subprocess.run([sys.executable, "-c", script, str(root)], cwd=root, capture_output=True, text=True,
+                          timeout=300, env={"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                                            "PATH": "/usr/bin:/bin", "HOME": os.environ.get("HOME", "/tmp")})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for arch in ("llama", "gpt2"):
+        out[arch]["fresh_logits"] = torch.load(root / f"{arch}_logits.pt")
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_stock_load_in_fresh_process_reproduces_in_memory_logits(exported: dict, arch: str) -> None:
+    e = exported[arch]
+    assert e["result"]["slorb"] == "none" and e["result"]["sparse_tensors"] == (14 if arch == "llama" else 8)
+    torch.testing.assert_close(e["fresh_logits"], e["logits"], rtol=1e-6, atol=1e-6)
+
+
+def test_sparsity_json_records_names_as_saved_and_conv1d_flags(exported: dict) -> None:
+    for arch, conv in (("llama", False), ("gpt2", True)):
+        info = json.loads((exported[arch]["dir"] / "sparsity.json").read_text())
+        saved = load_file(str(exported[arch]["dir"] / "model.safetensors"))
+        assert info["pattern"] == "2:4" and info["slorb"]["mode"] == "none"
+        assert set(info["sparse_tensors"]) <= set(saved)
+        assert {v["conv1d"] for v in info["sparse_tensors"].values()} == {conv}
+        for name, t in info["sparse_tensors"].items():
+            expected = t["shape"][::-1] if conv else t["shape"]  # Conv1D is stored [in, out]
+            assert list(saved[name].shape) == expected
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_verify_hf_dir_passes_on_export(exported: dict, arch: str) -> None:
+    report = verify_hf_dir(exported[arch]["dir"])
+    assert report.ok and len(report.checked) == exported[arch]["result"]["sparse_tensors"]
+
+
+def test_verify_hf_dir_fails_on_one_corrupted_group_naming_the_tensor(exported: dict, tmp_path: Path) -> None:
+    d = tmp_path / "corrupt"
+    shutil.copytree(exported["llama"]["dir"], d)
+    tensors = load_file(str(d / "model.safetensors"))
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name][3, 8:12] = torch.tensor([0.5, -0.25, 0.125, 0.0])  # 3 non-zeros in one group
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    report = verify_hf_dir(d)
+    assert not report.ok
+    assert report.offending == {name: 1}
+    assert name in str(report)
+
+
+def test_verify_hf_dir_checks_gpt2_groups_along_the_input_dim(exported: dict, tmp_path: Path) -> None:
+    d = tmp_path / "gpt2"
+    shutil.copytree(exported["gpt2"]["dir"], d)
+    tensors = load_file(str(d / "model.safetensors"))
+    name = "transformer.h.0.mlp.c_fc.weight"  # stored [in, out]
+    tensors[name][4:8, 0] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # one input group of output 0
+    save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+    assert verify_hf_dir(d).offending == {name: 1}
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_verify_hf_dir_without_sparsity_json_finds_the_same_tensors_by_name(exported: dict, arch: str,
+                                                                           tmp_path: Path) -> None:
+    d = tmp_path / arch
+    shutil.copytree(exported[arch]["dir"], d)
+    listed = set(json.loads((d / "sparsity.json").read_text())["sparse_tensors"])
+    (d / "sparsity.json").unlink()
+    report = verify_hf_dir(d)
+    assert report.ok and set(report.checked) == listed
+    only_q = verify_hf_dir(d, layer_patterns=[r"q_proj\.weight$"]) if arch == "llama" else None
+    if only_q is not None:
+        assert only_q.ok and len(only_q.checked) == 2
+
+
+def test_export_refuses_a_model_that_is_not_24(tmp_path: Path, tokenizer) -> None:
+    model = _sparse_model("tiny:llama")
+    name, layer = next(iter(sparse_layers(model)))
+    layer.mask[0, :4] = True
+    with pytest.raises(ExportError, match=name):
+        export_hf(model, tokenizer, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not verify_model(model).ok
+
+
+def test_export_replaces_a_previous_export_and_leaves_no_temp_dirs(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first, second = _sparse_model("tiny:llama"), _sparse_model("tiny:llama")
+    with torch.no_grad():
+        for _, layer in sparse_layers(second):
+            layer.weight.mul_(2)
+    export_hf(first, None, out)
+    export_hf(second, None, out)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+    stock = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(_logits(stock), _logits(second), rtol=0, atol=0)
+
+
+def test_failed_export_keeps_the_previous_one_intact(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    model = _sparse_model("tiny:llama")
+    export_hf(model, None, out)
+    before = sorted(p.name for p in out.iterdir())
+
+    class BrokenTokenizer:
+        def save_pretrained(self, path):  # type: ignore[no-untyped-def]
+            raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        export_hf(model, BrokenTokenizer(), out)
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_unfoldable_slorb_is_exported_as_side_files_and_rebuilt(tmp_path: Path, tokenizer) -> None:
+    model = _sparse_model("tiny:llama")
+    add_slorb(model, 16)  # mean init: S ≠ 0, so folding would fill the pruned slots
+    assert not any(fold_is_exact(layer) for _, layer, _ in slorb_layers(model))
+    boosted = _logits(model)
+    result = export_hf(model, tokenizer, tmp_path / "boosted")
+    d = Path(result["out_dir"])
+    assert result["slorb"] == "side" and (d / "slorb.safetensors").exists()
+    readme = (d / "README.md").read_text()
+    assert "WITHOUT SLoRB" in readme and "load_with_slorb" in readme
+
+    stock = AutoModelForCausalLM.from_pretrained(d)  # the 2:4 base only
+    plain = copy.deepcopy(model)
+    for _, layer, _ in slorb_layers(plain):
+        layer.side = None
+    torch.testing.assert_close(_logits(stock), _logits(plain), rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(_logits(stock), boosted, atol=1e-4)
+
+    rebuilt = load_with_slorb(d)
+    assert len(slorb_layers(rebuilt)) == 14
+    torch.testing.assert_close(_logits(rebuilt), boosted, rtol=1e-6, atol=1e-6)
+
+
+def test_foldable_slorb_is_folded_into_the_stock_checkpoint(tmp_path: Path) -> None:
+    model = _sparse_model("tiny:gpt2")
+    add_slorb(model, 16)
+    with torch.no_grad():
+        for _, _, side in slorb_layers(model):
+            side.S.zero_()
+    result = export_hf(model, None, tmp_path / "folded")
+    d = Path(result["out_dir"])
+    assert result["slorb"] == "folded"
+    assert not (d / "slorb.safetensors").exists() and not (d / "README.md").exists()
+    stock = AutoModelForCausalLM.from_pretrained(d)
+    torch.testing.assert_close(_logits(stock), _logits(model), rtol=1e-6, atol=1e-6)
+
+
+def test_fold_mode_refuses_unfoldable_slorb_naming_the_layer(tmp_path: Path) -> None:
+    model = _sparse_model("tiny:llama")
+    add_slorb(model, 16)
+    with pytest.raises(ExportError, match=r"model\.layers\.0\.self_attn\.q_proj"):
+        export_hf(model, None, tmp_path / "x", slorb="fold")
+
+
+def test_load_with_slorb_uses_stored_masks_when_a_kept_weight_is_zero(tmp_path: Path) -> None:
+    model = _sparse_model("tiny:gpt2")
+    name, layer = next(iter(sparse_layers(model)))
+    kept = layer.mask.nonzero()[0]
+    with torch.no_grad():
+        layer.weight[kept[0], kept[1]] = 0.0  # the non-zero pattern no longer shows this kept slot
+    export_hf(model, None, tmp_path / "z")
+    rebuilt = load_with_slorb(tmp_path / "z")
+    got = rebuilt.get_submodule(name)
+    assert isinstance(got, SparseLinear) and got.from_conv1d
+    for (n1, a), (n2, b) in zip(sparse_layers(model), sparse_layers(rebuilt)):
+        assert n1 == n2 and torch.equal(a.mask, b.mask)
+    torch.testing.assert_close(_logits(rebuilt), _logits(model), rtol=1e-6, atol=1e-6)

@@ -1,0 +1,127 @@
+"""Perplexity: the papers' non-overlapping-window convention, against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ast_core import data
+from ast_core.masks import magnitude_score, nm_mask
+from ast_core.models import load_model
+from ast_core.perplexity import PerplexityResult, perplexity, wikitext2_perplexity
+from ast_core.sparse import sparse_layers, sparsify
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    return load_model("tiny:llama", seed=0)
+
+
+def hand_nll_per_window(model, ids: torch.Tensor, seq_len: int, n_windows: int) -> list[float]:
+    """Mean NLL of each window's seq_len-1 next-token predictions, via an explicit log-softmax."""
+    out = []
+    with torch.no_grad():
+        for w in range(n_windows):
+            x = ids[w * seq_len:(w + 1) * seq_len]
+            logp = torch.log_softmax(model(x[None]).logits[0].double(), dim=-1)
+            picked = logp[torch.arange(seq_len - 1), x[1:]]
+            out.append(-picked.mean().item())
+    return out
+
+
+def test_perplexity_equals_explicit_log_softmax_nll_over_full_windows(tiny_llama):
+    seq_len = 16
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (5 * seq_len + 7,))  # 7 tokens of a partial window
+    res = perplexity(tiny_llama, ids[None], seq_len)
+    per_window = hand_nll_per_window(tiny_llama, ids, seq_len, 5)
+    assert res.windows == 5 and res.tokens == 5 * (seq_len - 1)
+    assert res.nll_mean == pytest.approx(sum(per_window) / 5, rel=1e-5)
+    assert res.ppl == pytest.approx(math.exp(sum(per_window) / 5), rel=1e-5)
+    assert res.ppl > 1000  # a random model is near-uniform over ~49k tokens
+
+
+def test_perplexity_is_the_papers_labels_loss_times_seqlen_formula(tiny_llama):
+    seq_len = 32
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 3 * seq_len))
+    with torch.no_grad():
+        nlls = [tiny_llama(w, labels=w).loss.item() * seq_len for w in ids.view(3, 1, seq_len)]
+    paper_ppl = math.exp(sum(nlls) / (3 * seq_len))
+    assert perplexity(tiny_llama, ids, seq_len).ppl == pytest.approx(paper_ppl, rel=1e-5)
+
+
+def test_batching_list_input_and_max_windows_do_not_change_the_numbers(tiny_llama):
+    seq_len = 8
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 6 * seq_len + 3))
+    one = perplexity(tiny_llama, ids, seq_len)
+    batched = perplexity(tiny_llama, ids[0].tolist(), seq_len, batch_size=4)
+    assert batched.windows == one.windows == 6
+    assert batched.nll_mean == pytest.approx(one.nll_mean, rel=1e-5)
+    first2 = perplexity(tiny_llama, ids, seq_len, max_windows=2)
+    assert first2.windows == 2
+    assert first2.nll_mean == pytest.approx(sum(hand_nll_per_window(tiny_llama, ids[0], seq_len, 2)) / 2, rel=1e-5)
+
+
+def test_perplexity_on_gpt2_conv1d_model_matches_hand_computation():
+    model = load_model("tiny:gpt2", seed=1)
+    ids = torch.randint(0, model.config.vocab_size, (3 * 12,))
+    res = perplexity(model, ids, 12)
+    assert res.nll_mean == pytest.approx(sum(hand_nll_per_window(model, ids, 12, 3)) / 3, rel=1e-5)
+
+
+def test_perplexity_restores_training_mode_and_keeps_no_grad(tiny_llama):
+    tiny_llama.train()
+    try:
+        perplexity(tiny_llama, torch.arange(40), 8)
+        assert tiny_llama.training
+        assert all(p.grad is None for p in tiny_llama.parameters())
+    finally:
+        tiny_llama.eval()
+
+
+@pytest.mark.parametrize("ids,seq_len,match", [
+    (torch.arange(10), 16, "10 tokens give no full window"),
+    (torch.arange(600), 513, "exceeds the model's 512 positions"),
+    (torch.zeros(2, 40, dtype=torch.long), 8, r"one stream \[1, N\]"),
+    (torch.arange(10), 1, "seq_len must be >= 2"),
+])
+def test_perplexity_rejects_unusable_inputs(tiny_llama, ids, seq_len, match):
+    with pytest.raises(ValueError, match=match):
+        perplexity(tiny_llama, ids, seq_len)
+
+
+def test_smollm2_tokenizer_adds_no_special_tokens_to_the_eval_text(smollm2_tokenizer):
+    text = " = Robert Boulter = \n\n\n"
+    plain = smollm2_tokenizer(text, add_special_tokens=False)["input_ids"]
+    default = smollm2_tokenizer(text, return_tensors="pt")["input_ids"][0].tolist()
+    assert default == plain and smollm2_tokenizer.bos_token_id not in default
+
+
+def test_wikitext2_perplexity_tokenizes_the_eval_text_once_as_the_papers_do(tiny_llama, smollm2_tokenizer,
+                                                                            monkeypatch):
+    text = "\n\n".join(["", " = Heading = \n", "", " Some words of an article , repeated . \n"] * 8)
+    seen = []
+    monkeypatch.setattr(data, "wikitext2_eval_text", lambda split="test": seen.append(split) or text)
+    res = wikitext2_perplexity(tiny_llama, smollm2_tokenizer, seq_len=16, split="validation")
+    ids = smollm2_tokenizer(text, return_tensors="pt")["input_ids"]
+    assert seen == ["validation"]
+    assert res == perplexity(tiny_llama, ids, 16)
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_smollm2_wikitext2_dense_ppl_is_36_6_and_magnitude_2_4_is_far_worse(smollm2, smollm2_tokenizer):
+    """Issue numbers, first 16 windows of 512 tokens: dense 36.6, one-shot magnitude 2:4 ≈ 1828."""
+    dense = wikitext2_perplexity(smollm2, smollm2_tokenizer, seq_len=512, max_windows=16)
+    print(f"\nSmolLM2-135M WikiText-2 test, 16x512: dense ppl {dense.ppl:.3f}")
+    assert isinstance(dense, PerplexityResult) and dense.windows == 16 and dense.tokens == 16 * 511
+    assert dense.ppl == pytest.approx(36.6, abs=1.5)
+
+    sparse = load_model("embedded:smollm2-135m")  # a fresh copy: the session model stays dense
+    sparsify(sparse)
+    for _, layer in sparse_layers(sparse):
+        layer.set_mask(nm_mask(magnitude_score(layer.weight), 2, 4))
+    pruned = wikitext2_perplexity(sparse, smollm2_tokenizer, seq_len=512, max_windows=16)
+    print(f"SmolLM2-135M WikiText-2 test, 16x512: one-shot magnitude 2:4 ppl {pruned.ppl:.1f}")
+    assert math.isfinite(pruned.ppl) and pruned.ppl > 500

@@ -1,0 +1,127 @@
+"""The AST loop: resumes bitwise, stops cleanly on NaN, refreshes masks, uses the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ast_core.checkpoint import latest_checkpoint
+from ast_core.masks import mask_is_exact, magnitude_score, nm_mask
+from ast_core.models import load_model
+from ast_core.slorb import add_slorb
+from ast_core.sparse import sparse_layers, sparsify
+from ast_core.teacher_cache import build_cache, fingerprint
+from ast_core.train import BlockOrder, CachedTeacher, OnlineTeacher, TrainingDiverged, train
+from tasks.config import TrainConfig
+
+
+def _cfg(**kw) -> TrainConfig:
+    base = dict(method="ast-boosted", steps=6, batch_size=2, lr=3e-3, min_lr=3e-4, warmup_steps=1,
+                lambda_max=1e-2, t0_steps=2, refresh_every=2, checkpoint_every=2, slorb_group=16)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _student(boosted: bool = True) -> torch.nn.Module:
+    model = load_model("tiny:llama", seed=0)
+    sparsify(model)
+    for _, layer in sparse_layers(model):
+        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
+    if boosted:
+        add_slorb(model, 16)
+    return model
+
+
+@pytest.fixture(scope="module")
+def blocks() -> np.ndarray:
+    return np.random.default_rng(0).integers(0, 2000, size=(16, 16)).astype(np.uint16)
+
+
+@pytest.fixture(scope="module")
+def teacher() -> torch.nn.Module:
+    return load_model("tiny:llama", seed=0)
+
+
+def _final_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_resume_after_interruption_is_bitwise_identical(tmp_path: Path, blocks, teacher) -> None:
+    cfg = _cfg()
+    full = _student()
+    train(full, blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "a", progress=False)
+
+    part = _student()
+    # stop after 3 steps: the last checkpoint is step 2, step 3's work is lost as in a crash
+    train(part, blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "b",
+          progress=False, stop_after=3)
+    assert latest_checkpoint(tmp_path / "b").name == "step_000002"
+    resumed = _student()
+    res = train(resumed, blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "b",
+                resume=True, progress=False)
+    assert res.resumed_from == 2 and res.steps == 6
+    a, b = _final_state(full), _final_state(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nan_loss_stops_and_names_the_last_checkpoint(tmp_path: Path, blocks, teacher) -> None:
+    model = _student(boosted=False)
+    cfg = _cfg(method="ast-naive", steps=6)
+    calls = {"n": 0}
+    real = OnlineTeacher(teacher)
+
+    class PoisonedTeacher:
+        def kl(self, *a):
+            calls["n"] += 1
+            out = real.kl(*a)
+            return out * float("nan") if calls["n"] == 4 else out
+
+    with pytest.raises(TrainingDiverged, match=r"step 3.*step_000002"):
+        train(model, blocks, cfg, seed=0, teacher=PoisonedTeacher(), checkpoint_dir=tmp_path, progress=False)
+    assert latest_checkpoint(tmp_path).name == "step_000002"
+
+
+def test_masks_stay_exact_and_adapt_under_ast(tmp_path: Path, blocks, teacher) -> None:
+    model = _student(boosted=False)
+    before = {n: l.mask.clone() for n, l in sparse_layers(model)}
+    res = train(model, blocks, _cfg(method="ast-naive", steps=6, lr=3e-2), seed=0,
+                teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path, progress=False)
+    assert all(mask_is_exact(l.mask) for _, l in sparse_layers(model))
+    changed = sum(int((before[n] != l.mask).sum()) for n, l in sparse_layers(model))
+    assert changed > 0 and res.last_flip is not None and res.last_flip.changed_init == changed
+    assert any("flip_rate_prev" in h for h in res.history)
+
+
+def test_naive_method_keeps_the_mask_fixed(tmp_path: Path, blocks) -> None:
+    model = _student(boosted=False)
+    before = {n: l.mask.clone() for n, l in sparse_layers(model)}
+    train(model, blocks, _cfg(method="naive", lr=3e-2), seed=0, teacher=None, checkpoint_dir=tmp_path,
+          progress=False)
+    assert all(torch.equal(before[n], l.mask) for n, l in sparse_layers(model))
+
+
+def test_training_from_a_topk_cache_with_full_vocab_equals_online_kd(tmp_path: Path, blocks, teacher) -> None:
+    """With k = vocab the cache target is the full distribution: same losses as online KD."""
+    vocab = teacher.config.vocab_size
+    fp = fingerprint(teacher="t", tokenizer="x", data="d", seq_len=16, fmt="topk", k=vocab, samples=0,
+                     temperature=2.0, seed=0)
+    cache = build_cache(tmp_path / "cache", teacher, blocks[:4], fp, batch_size=2, progress=False)
+    cfg = _cfg(method="ast-naive", steps=2, batch_size=2)
+    small = blocks[:4]
+    a, b = _student(False), _student(False)
+    ra = train(a, small, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "a", progress=False)
+    rb = train(b, small, cfg, seed=0, teacher=CachedTeacher(cache), checkpoint_dir=tmp_path / "b", progress=False)
+    for ha, hb in zip(ra.history, rb.history):
+        assert ha["kl"] == pytest.approx(hb["kl"], rel=2e-3, abs=1e-4)
+
+
+def test_block_order_is_a_permutation_per_epoch_and_pure_in_step() -> None:
+    order = BlockOrder(10, seed=1)
+    first = order.ids(0, 10)
+    assert sorted(first.tolist()) == list(range(10))
+    assert np.array_equal(BlockOrder(10, seed=1).ids(7, 6), np.concatenate([first[7:], order.ids(10, 3)]))
