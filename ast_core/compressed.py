@@ -27,6 +27,7 @@ Invariants (tested):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -85,6 +86,32 @@ def _bits_nonzero(t: torch.Tensor) -> torch.Tensor:
     return t.view(_INT_VIEW[t.element_size()]) != 0
 
 
+_LUT_LEVELS = 8  # priority values 0..7 (mask·4 + numeric·2 + bits-non-zero)
+
+
+def _ranked_positions(priority: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """The ``n`` slots of largest priority per group (ties → lower position), ascending."""
+    order = torch.argsort(-priority.to(torch.int16), dim=-1, stable=True)[..., :n]
+    return order.sort(dim=-1).values
+
+
+@functools.lru_cache(maxsize=8)
+def _selection_table(n: int, m: int) -> torch.Tensor:
+    """For every combination of per-slot priorities (base-8 code), the chosen positions."""
+    codes = torch.arange(_LUT_LEVELS ** m)
+    digits = (codes.unsqueeze(-1) // _LUT_LEVELS ** torch.arange(m)) % _LUT_LEVELS
+    return _ranked_positions(digits, n, m)
+
+
+def _select_positions(priority: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """:func:`_ranked_positions`, through a lookup table for m ≤ 4 (a sort per group is slow)."""
+    if m > 4:
+        return _ranked_positions(priority, n, m)
+    weights = _LUT_LEVELS ** torch.arange(m, device=priority.device, dtype=torch.int32)
+    code = (priority.to(torch.int32) * weights).sum(-1)
+    return _selection_table(n, m).to(priority.device)[code]
+
+
 def compress_nm(weight: torch.Tensor, n: int = 2, m: int = 4,
                 mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Compress an N:M weight ``[out, in]`` into ``values``, ``meta``, ``shape``, ``nm``.
@@ -112,14 +139,13 @@ def compress_nm(weight: torch.Tensor, n: int = 2, m: int = 4,
         raise CompressionError(
             f"weight is not {n}:{m}: {int(bad.sum())} groups hold more than {n} non-zeros "
             f"(first: row {row}, columns {grp * m}..{grp * m + m - 1} hold {int(per_group[row, grp])})")
-    priority = 2 * numeric.to(torch.int8) + _bits_nonzero(g).to(torch.int8)
+    priority = 2 * numeric.to(torch.int16) + _bits_nonzero(g).to(torch.int16)
     if mask is not None:
         if mask.shape != weight.shape:
             raise CompressionError(f"mask shape {tuple(mask.shape)} != weight shape {tuple(weight.shape)}")
         mg = torch.nn.functional.pad(mask.to(torch.bool), (0, pad)).reshape(rows, -1, m)
-        priority = priority + 4 * mg.to(torch.int8)
-    order = torch.argsort(-priority, dim=-1, stable=True)[..., :n]
-    idx = order.sort(dim=-1).values
+        priority = priority + 4 * mg.to(torch.int16)
+    idx = _select_positions(priority, n, m)  # [rows, G, n], ascending per group
     values = g.gather(-1, idx).reshape(rows, -1)
     meta = pack_bits(idx.reshape(rows, -1), bits)
     return {"values": values, "meta": meta,

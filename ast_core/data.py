@@ -326,7 +326,7 @@ def tokenize_blocks(texts: Iterable[str], tokenizer: PreTrainedTokenizerBase, se
     stream = np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
     n_blocks = len(stream) // seq_len
     if n_blocks == 0:
-        raise ValueError(f"text too short for one block: {len(stream)} tokens from {len(texts)} "
+        raise DataSourceError(f"text too short for one block: {len(stream)} tokens from {len(texts)} "
                          f"documents, need at least seq_len={seq_len}")
     return stream[: n_blocks * seq_len].reshape(n_blocks, seq_len).copy()
 

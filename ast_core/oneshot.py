@@ -96,8 +96,11 @@ Pruner = Callable[[SparseLinear, Any], None]
 def _prune_block_by_block(model: nn.Module, calib_batches: Iterable[Batch], new_stat: StatFactory,
                           prune: Pruner) -> list[str]:
     """Sequential pruning: per block, measure (block dense) → prune → run to get next inputs."""
-    _layers(model)
     prefix, blocks = block_container(model)
+    outside = [name for name, _ in _layers(model) if not name.startswith(prefix + ".")]
+    if outside:
+        raise ValueError(f"sequential pruning covers the transformer blocks ({prefix}) only; "
+                         f"sparse layers outside them: {', '.join(outside[:5])}")
     calls = capture_block_inputs(model, calib_batches)
     names: list[str] = []
     for i, block in enumerate(blocks):

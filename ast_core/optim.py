@@ -102,18 +102,33 @@ class ASTAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                _ast_adamw_update(p, p.grad, state, self.masks.get(p), lr=lr, beta1=beta1, beta2=beta2,
-                                  eps=eps, weight_decay=wd, lam=lam, mode=mode)
+                _ast_adamw_update(p, p.grad, state, self.masks.get(p), self._scratch_for(p),
+                                  lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, lam=lam, mode=mode)
         return loss
 
+    def _scratch_for(self, p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two work buffers shaped like ``p``, views of flat buffers reused by every
+        parameter of the same device/dtype: a step allocates nothing (fresh large
+        allocations are page faults, which cost more than the arithmetic on a CPU).
+        Not optimizer state: never saved."""
+        scratch = self.__dict__.setdefault("_scratch", {})
+        key = (p.device, p.dtype)
+        flat = scratch.get(key)
+        if flat is None or flat.shape[1] < p.numel():
+            flat = torch.empty(2, p.numel(), device=p.device, dtype=p.dtype)
+            scratch[key] = flat
+        n = p.numel()
+        return flat[0, :n].view(p.shape), flat[1, :n].view(p.shape)
 
-def _ast_adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, mask: torch.Tensor | None, *,
-                      lr: float, beta1: float, beta2: float, eps: float, weight_decay: float,
-                      lam: float, mode: str) -> None:
-    """One parameter's update; the op sequence mirrors torch's single-tensor AdamW
-    (``lerp_`` for m̃, ``mul_().addcmul_()`` for v, ``sqrt(v)/sqrt(bc2) + eps``) so
-    that the unmasked / λ = 0 path is bit-for-bit torch's arithmetic."""
+
+def _ast_adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, mask: torch.Tensor | None,
+                      scratch: tuple[torch.Tensor, torch.Tensor], *, lr: float, beta1: float, beta2: float,
+                      eps: float, weight_decay: float, lam: float, mode: str) -> None:
+    """One parameter's update. The op sequence mirrors torch's single-tensor AdamW
+    (``lerp_`` for m̃, ``mul_().addcmul_()`` for v, ``sqrt(v) / sqrt(bc2) + eps``),
+    so the unmasked / λ = 0 path is torch's arithmetic, rounding included."""
     exp_avg, exp_avg_sq, step_t = state["exp_avg"], state["exp_avg_sq"], state["step"]
+    buf_a, buf_b = scratch
     step_t += 1
     if weight_decay != 0:
         p.mul_(1 - lr * weight_decay)
@@ -122,20 +137,19 @@ def _ast_adamw_update(p: torch.Tensor, grad: torch.Tensor, state: dict, mask: to
     if mask is None or (lam == 0.0 and mode == "gradient"):
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
     else:
-        # d = λ(1 − m) ⊙ W from the weights after decoupled decay (as the official code).
-        decay = p.masked_fill(mask, 0.0)
+        # (1 − m) ⊙ W from the weights after decoupled decay (as the official code).
+        decay = torch.where(mask, torch.zeros((), dtype=p.dtype, device=p.device), p, out=buf_a)
         if mode == "gradient":
-            s = torch.add(grad, decay, alpha=lam)
+            s = torch.add(grad, decay, alpha=lam, out=buf_b)  # s = g + d
             exp_avg_sq.mul_(beta2).addcmul_(s, s, value=1 - beta2)
-            del s
-            numer = torch.add(exp_avg, decay, alpha=lam, out=decay)
+            numer = torch.add(exp_avg, decay, alpha=lam, out=buf_a)  # u = m̃ + d
         else:
-            numer = torch.add(exp_avg, decay, alpha=lam, out=decay)
+            numer = torch.add(exp_avg, decay, alpha=lam, out=buf_a)
             exp_avg_sq.mul_(beta2).addcmul_(numer, numer, value=1 - beta2)
     step = float(step_t.item())
     bias_correction1 = 1 - beta1 ** step
     bias_correction2_sqrt = (1 - beta2 ** step) ** 0.5
-    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+    denom = torch.sqrt(exp_avg_sq, out=buf_b).div_(bias_correction2_sqrt).add_(eps)
     p.addcdiv_(numer, denom, value=-(lr / bias_correction1))
 
 

@@ -85,9 +85,13 @@ def main() -> None:
     ap.add_argument("--lambda-max", type=float, default=1e-4, help="held from step 0 (T0 = 0): decay always on")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--data", type=Path, default=C4)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads; 1 by default: on a shared 2-core box, 2 OpenMP threads "
+                         "per process oversubscribe and make small ops 10-100x slower")
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "step_overhead.json")
     args = ap.parse_args()
 
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     total = args.warmup + args.steps
     batches = make_batches(total, args.batch, args.seq_len, args.data)
@@ -137,8 +141,9 @@ def main() -> None:
         order = ("plain", "ast") if i % 2 == 0 else ("ast", "plain")
         for variant in order:
             run(variant, i)
-        print(f"step {i + 1}/{total}: plain {rec['plain']['step'][-1:] or '-'} ast {rec['ast']['step'][-1:] or '-'}",
-              flush=True)
+        if i >= args.warmup:
+            print(f"step {i + 1}/{total}: plain {rec['plain']['step'][-1]:.3f} s  ast {rec['ast']['step'][-1]:.3f} s",
+                  flush=True)
     wall = time.perf_counter() - wall0
 
     plain, ast = rec["plain"], rec["ast"]

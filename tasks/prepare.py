@@ -16,7 +16,7 @@ from ast_core.checkpoint import atomic_write_json
 from ast_core.data import describe_source, load_texts, split_blocks, tokenize_blocks
 from ast_core.models import load_tokenizer, tokenizer_fingerprint
 
-from .common import RunContext, hash_json, log
+from .common import RunContext, StageError, hash_json, log
 
 
 def fingerprint(ctx: RunContext) -> str:
@@ -41,7 +41,11 @@ def run(ctx: RunContext) -> dict:
     tok = load_tokenizer(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
     texts = load_texts(d.source, d.split, max_docs=d.max_docs)
     blocks = tokenize_blocks(texts, tok, d.seq_len)
-    train, val, calib = split_blocks(blocks, n_val=d.val_blocks, calib_n=d.calib_blocks, seed=cfg.seed)
+    try:
+        train, val, calib = split_blocks(blocks, n_val=d.val_blocks, calib_n=d.calib_blocks, seed=cfg.seed)
+    except ValueError as exc:
+        raise StageError(f"data.val_blocks / data.calib_blocks do not fit the {len(blocks)} blocks of "
+                         f"{d.source!r}: {exc}") from None
     if d.max_train_blocks is not None:
         train = train[: d.max_train_blocks]
     out = ctx.stage_dir("prepare")

@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from ast_core.compressed import (CompressionError, byte_report, compress_nm, decompress_nm, kept_mask,
-                                 load_compressed, pack_bits, save_compressed, unpack_bits)
+from ast_core.compressed import (CompressionError, _ranked_positions, _select_positions, byte_report, compress_nm,
+                                 decompress_nm, kept_mask, load_compressed, pack_bits, save_compressed, unpack_bits)
 from ast_core.masks import magnitude_score, nm_mask
 from ast_core.models import load_model
 from ast_core.slorb import add_slorb
@@ -86,6 +86,20 @@ def test_decompress_rejects_corrupt_metadata() -> None:
     packed["meta"] = torch.zeros_like(packed["meta"])  # both positions 0 in every group
     with pytest.raises(CompressionError, match="strictly increasing"):
         decompress_nm(packed)
+
+
+def test_lookup_table_selection_equals_stable_sort_selection() -> None:
+    priority = torch.randint(0, 8, (200, 30, 4))
+    assert torch.equal(_select_positions(priority, 2, 4), _ranked_positions(priority, 2, 4))
+    assert torch.equal(_select_positions(priority, 1, 4), _ranked_positions(priority, 1, 4))
+
+
+def test_general_nm_roundtrip_4_of_8_uses_3_bit_positions_packed_as_4() -> None:
+    w = torch.randn(6, 40)
+    w = w * nm_mask(magnitude_score(w), 4, 8)
+    packed = compress_nm(w, 4, 8)
+    assert packed["values"].shape == (6, 20) and packed["meta"].shape == (6, 10)  # 20 positions × 4 bits
+    assert torch.equal(decompress_nm(packed), w)
 
 
 def test_pack_bits_roundtrip_and_layout() -> None:

@@ -112,7 +112,12 @@ def test_wikitext2_perplexity_tokenizes_the_eval_text_once_as_the_papers_do(tiny
 @pytest.mark.slow
 @pytest.mark.ci
 def test_smollm2_wikitext2_dense_ppl_is_36_6_and_magnitude_2_4_is_far_worse(smollm2, smollm2_tokenizer):
-    """Issue numbers, first 16 windows of 512 tokens: dense 36.6, one-shot magnitude 2:4 ≈ 1828."""
+    """Dense, first 16 windows of 512 tokens: 36.634 (the issue: 36.6).
+
+    One-shot magnitude 2:4 measured here: 1833.7 on window 1 (the issue's 1828
+    matches one window), 2616.9 on 4, 3197.8 on 16. The sparse check scores 4
+    windows to stay inside the CI budget; any of them is > 500.
+    """
     dense = wikitext2_perplexity(smollm2, smollm2_tokenizer, seq_len=512, max_windows=16)
     print(f"\nSmolLM2-135M WikiText-2 test, 16x512: dense ppl {dense.ppl:.3f}")
     assert isinstance(dense, PerplexityResult) and dense.windows == 16 and dense.tokens == 16 * 511
@@ -122,6 +127,6 @@ def test_smollm2_wikitext2_dense_ppl_is_36_6_and_magnitude_2_4_is_far_worse(smol
     sparsify(sparse)
     for _, layer in sparse_layers(sparse):
         layer.set_mask(nm_mask(magnitude_score(layer.weight), 2, 4))
-    pruned = wikitext2_perplexity(sparse, smollm2_tokenizer, seq_len=512, max_windows=16)
-    print(f"SmolLM2-135M WikiText-2 test, 16x512: one-shot magnitude 2:4 ppl {pruned.ppl:.1f}")
+    pruned = wikitext2_perplexity(sparse, smollm2_tokenizer, seq_len=512, max_windows=4)
+    print(f"SmolLM2-135M WikiText-2 test, 4x512: one-shot magnitude 2:4 ppl {pruned.ppl:.1f}")
     assert math.isfinite(pruned.ppl) and pruned.ppl > 500
