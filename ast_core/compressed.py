@@ -167,21 +167,29 @@ def _positions(packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, int,
     return idx, rows, cols, n, m
 
 
+def _scatter(idx: torch.Tensor, src: torch.Tensor, rows: int, cols: int, m: int) -> torch.Tensor:
+    out = torch.zeros(rows, idx.shape[1], m, dtype=src.dtype, device=src.device)
+    out.scatter_(-1, idx, src)
+    return out.reshape(rows, -1)[:, :cols]
+
+
 def decompress_nm(packed: dict[str, torch.Tensor]) -> torch.Tensor:
     """The dense ``[out, in]`` weight with zeros: stored values scattered back, ``+0.0`` elsewhere."""
-    idx, rows, cols, n, m = _positions(packed)
-    values = packed["values"].reshape(rows, -1, n)
-    out = torch.zeros(rows, idx.shape[1], m, dtype=values.dtype, device=values.device)
-    out.scatter_(-1, idx, values)
-    return out.reshape(rows, -1)[:, :cols]
+    return decompress_with_mask(packed)[0]
 
 
 def kept_mask(packed: dict[str, torch.Tensor]) -> torch.Tensor:
     """The bool mask of stored slots (exactly ``n`` per group): the layer mask when it was exact."""
     idx, rows, cols, n, m = _positions(packed)
-    out = torch.zeros(rows, idx.shape[1], m, dtype=torch.bool, device=idx.device)
-    out.scatter_(-1, idx, True)
-    return out.reshape(rows, -1)[:, :cols]
+    return _scatter(idx, torch.ones(idx.shape, dtype=torch.bool, device=idx.device), rows, cols, m)
+
+
+def decompress_with_mask(packed: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(:func:`decompress_nm`, :func:`kept_mask`) unpacking the metadata once."""
+    idx, rows, cols, n, m = _positions(packed)
+    values = packed["values"].reshape(rows, -1, n)
+    ones = torch.ones(idx.shape, dtype=torch.bool, device=idx.device)
+    return _scatter(idx, values, rows, cols, m), _scatter(idx, ones, rows, cols, m)
 
 
 def packed_bytes(packed: dict[str, torch.Tensor]) -> int:
@@ -291,10 +299,10 @@ def load_compressed(out_dir: str | Path, layout: str = "sparse") -> dict[str, to
     for name, info in manifest["layers"].items():
         packed = {"values": raw[f"{name}.values"], "meta": raw[f"{name}.meta"],
                   "shape": torch.tensor(info["shape"]), "nm": torch.tensor([n, m])}
-        w = decompress_nm(packed)
+        w, mask = decompress_with_mask(packed)
         if layout == "sparse":
             state[f"{name}.weight"] = w
-            state[f"{name}.mask"] = kept_mask(packed)
+            state[f"{name}.mask"] = mask
         else:
             state[f"{name}.weight"] = w.t().contiguous() if info["from_conv1d"] else w
     for key in manifest["dense_tensors"]:

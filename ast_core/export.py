@@ -164,7 +164,9 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, n: int = 2, m: i
               slorb: str = "auto") -> dict:
     """Write a stock HF checkpoint of a sparsified model (dense weights with zeros).
 
-    Refuses a model whose sparse weights are not N:M. Works on a deep copy:
+    Refuses a model whose sparse weights are not N:M; a model without sparse
+    layers (the dense baseline) is saved as is, with ``"pattern": "dense"``
+    in ``sparsity.json``. Works on a deep copy:
     SLoRB is folded (``slorb="fold"``, or ``"auto"`` when every layer folds
     exactly) or saved beside the checkpoint (``"side"``, or ``"auto"``
     otherwise); then every ``SparseLinear`` becomes a plain layer holding
@@ -176,8 +178,9 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, n: int = 2, m: i
     """
     if slorb not in ("auto", "fold", "side"):
         raise ValueError(f"slorb must be 'auto', 'fold' or 'side', got {slorb!r}")
+    has_sparse = next(sparse_layers(model), None) is not None
     report = verify_model(model, n, m)
-    if not report.ok:
+    if has_sparse and not report.ok:
         raise ExportError(f"refusing to export: {report}")
     branches = slorb_layers(model)
     unfoldable = [name for name, layer, _ in branches if not fold_is_exact(layer)]
@@ -188,7 +191,8 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, n: int = 2, m: i
     if branches:
         first = branches[0][2]
         side_info.update(group_size=first.group_size, trainable_projection=first.trainable_projection,
-                         layers=[name for name, _, _ in branches])
+                         layers={name: {"group_size": b.group_size, "trainable_projection": b.trainable_projection}
+                                 for name, _, b in branches})
 
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -216,26 +220,28 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, n: int = 2, m: i
         absent = sorted(set(sparse_tensors) - set(_checkpoint_keys(tmp)))
         if absent:
             raise ExportError(f"saved checkpoint lacks the sparse tensors {absent[:5]} (renamed on save?)")
-        save_file(masks, str(tmp / MASKS_FILE), metadata={"layout": "[out, ceil(in/8)] uint8, bit j of byte b "
-                                                                    "= column 8b+j"})
+        if masks:
+            save_file(masks, str(tmp / MASKS_FILE), metadata={"layout": "[out, ceil(in/8)] uint8, bit j of "
+                                                                        "byte b = column 8b+j"})
         if mode == "side":
             save_file(side_state, str(tmp / SLORB_FILE))
             side_info["file"] = SLORB_FILE
             (tmp / "README.md").write_text(README_SIDE.format(name=out.name, n=n, m=m, k=side_info["group_size"],
                                                               slorb=SLORB_FILE, masks=MASKS_FILE))
-        info = {"format_version": 1, "pattern": f"{n}:{m}", "n": n, "m": m,
+        info = {"format_version": 1, "pattern": f"{n}:{m}" if has_sparse else "dense", "n": n, "m": m,
                 "layout_note": "conv1d tensors are stored [in, out]; groups run along the input dim",
                 "sparse_tensors": sparse_tensors, "masks_file": MASKS_FILE, "slorb": side_info}
         (tmp / SPARSITY_FILE).write_text(json.dumps(info, indent=2, sort_keys=True))
         disk = verify_hf_dir(tmp, n, m)
-        if not disk.ok:
+        if has_sparse and not disk.ok:
             raise ExportError(f"exported checkpoint failed verification: {disk}")
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return {"out_dir": str(out), "pattern": f"{n}:{m}", "sparse_tensors": len(sparse_tensors),
-            "slorb": mode, "report": str(disk), "files": sorted(p.name for p in out.iterdir())}
+    return {"out_dir": str(out), "pattern": info["pattern"], "sparse_tensors": len(sparse_tensors),
+            "slorb": mode, "report": str(disk) if has_sparse else "dense model: nothing to verify",
+            "files": sorted(p.name for p in out.iterdir())}
 
 
 def _replace_dir(src: Path, dst: Path) -> None:
@@ -269,7 +275,7 @@ def load_with_slorb(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
     info = json.loads((p / SPARSITY_FILE).read_text())
     n, m = info["n"], info["m"]
     model = AutoModelForCausalLM.from_pretrained(p, **({"dtype": dtype} if dtype is not None else {}))
-    packed = load_file(str(p / info["masks_file"]))
+    packed = load_file(str(p / info["masks_file"])) if info["sparse_tensors"] else {}
     for tensor_name, t in info["sparse_tensors"].items():
         name = t["module"]
         layer = SparseLinear.from_module(model.get_submodule(name), n, m)
@@ -280,11 +286,10 @@ def load_with_slorb(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
         _set_submodule(model, name, layer)
     side = info["slorb"]
     if side["mode"] == "side":
-        for name in side["layers"]:
+        for name, b in side["layers"].items():
             layer = model.get_submodule(name)
-            layer.side = SLoRB(layer.in_features, layer.out_features, side["group_size"],
-                               side["trainable_projection"], device=layer.weight.device,
-                               dtype=layer.weight.dtype, name=name)
+            layer.side = SLoRB(layer.in_features, layer.out_features, b["group_size"], b["trainable_projection"],
+                               device=layer.weight.device, dtype=layer.weight.dtype, name=name)
         load_slorb_state(model, load_file(str(p / side["file"])))
     model.eval()
     return model

@@ -16,8 +16,11 @@ could be mistaken for sparse ones. :func:`speed_table_markdown` and
 
 from __future__ import annotations
 
+import copy
+import json
 import statistics
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Iterator
 
 import torch
@@ -211,3 +214,34 @@ def speed_table_markdown(rows: list[dict]) -> str:
                      f"{r['speedup']:.2f}×{flag} | {r['rel_err']:.1e}{'' if r['ok'] else ' FAIL'} |")
     return "\n".join(lines) + "\n"
 
+
+
+def kernel_report(model: nn.Module, tokens: list[int], out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,
+                  iters: int = 30, backend: str | None = None, seed: int = 0) -> dict:
+    """The compile stage's CUDA check: speed table over the model's own layer shapes + logit agreement.
+
+    Leaves ``model`` untouched: a copy on CUDA in ``dtype`` is the dense-masked
+    reference (``SparseLinear``, SLoRB included) and a second copy gets the 2:4
+    kernels. Writes ``speed_table.json`` / ``speed_table.md`` under ``out_dir``.
+    """
+    require_cuda()
+    shapes = sorted({(layer.out_features, layer.in_features) for _, layer in sparse_layers(model)})
+    if not shapes:
+        raise ValueError(f"{type(model).__name__} has no SparseLinear layers: nothing to accelerate")
+    rows = speed_table(shapes, tokens, dtype, iters=iters, backend=backend, seed=seed)
+    reference = copy.deepcopy(model).to(device="cuda", dtype=dtype).eval()
+    sparse = copy.deepcopy(reference)
+    layers = to_semi_structured(sparse, dtype, backend)
+    vocab = getattr(getattr(model, "config", None), "vocab_size", 1000)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    ids = torch.randint(0, vocab, (2, 64), device="cuda", generator=gen)
+    diff = compare_outputs(reference, sparse, ids)
+    del reference, sparse
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"device": torch.cuda.get_device_name(), "backend": backend or default_backend(),
+              "dtype": str(dtype).removeprefix("torch."), "converted": len(layers["converted"]),
+              "skipped": layers["skipped"], "logit_diff": diff, "rows": rows}
+    (out / "speed_table.json").write_text(json.dumps(report, indent=2))
+    (out / "speed_table.md").write_text(speed_table_markdown(rows))
+    return report

@@ -9,9 +9,10 @@ The flip rate — the fraction of mask bits changed since the previous refresh
 and since the initial mask — is the health signal: many flips early, then a
 settling run (≈0.3% per refresh mid-run on GPT-2 in the paper).
 
-Speed: ``masks.nm_mask`` (a stable argsort per group) costs seconds per
-refresh on SmolLM2 on a CPU. For small M the refresh uses the equivalent rank
-count below — the same mask, tie-breaking included — which is ~30× cheaper.
+Speed: ``masks.nm_mask`` (a stable argsort per group) costs ~10 s per refresh
+of SmolLM2-135M on 2 CPU cores. For small M the refresh computes the same mask
+(tie-breaking included) from pairwise comparisons inside each group, which is
+~30× cheaper (~0.4 s); the tests check the two agree.
 """
 
 from __future__ import annotations
@@ -60,11 +61,12 @@ def magnitude_nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Ten
     if weight.dim() != 2 or weight.shape[1] % m:
         raise ValueError(f"weight must be 2-D with in_features divisible by {m}, got {tuple(weight.shape)}")
     score = weight.detach().abs().float()
+    if (n, m) == (2, 4):
+        return _two_of_four(score)
     if m > _RANK_MAX_M:
         return nm_mask(score, n, m)
     rows, cols = score.shape
-    groups = score.reshape(rows, cols // m, m)
-    members = [groups[..., i] for i in range(m)]
+    members = score.reshape(rows, cols // m, m).unbind(-1)
     beaten = [torch.zeros(rows, cols // m, dtype=torch.uint8, device=score.device) for _ in range(m)]
     for i in range(m):
         for j in range(i + 1, m):
@@ -72,6 +74,22 @@ def magnitude_nm_mask(weight: torch.Tensor, n: int = 2, m: int = 4) -> torch.Ten
             beaten[j] += i_wins
             beaten[i] += ~i_wins
     return torch.stack([b < n for b in beaten], dim=-1).reshape(rows, cols)
+
+
+def _majority(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return (x & y) | (z & (x | y))
+
+
+def _two_of_four(score: torch.Tensor) -> torch.Tensor:
+    """2:4 by six pairwise comparisons: entry i is kept iff it wins at least 2 of its
+    3 pairings, a majority vote (w_ij = s_i ≥ s_j for i < j: the lower index wins ties)."""
+    rows, cols = score.shape
+    s0, s1, s2, s3 = score.reshape(rows, cols // 4, 4).unbind(-1)
+    w01, w02, w03 = s0 >= s1, s0 >= s2, s0 >= s3
+    w12, w13, w23 = s1 >= s2, s1 >= s3, s2 >= s3
+    keep = [_majority(w01, w02, w03), _majority(~w01, w12, w13),
+            _majority(~w02, ~w12, w23), ~_majority(w03, w13, w23)]
+    return torch.stack(keep, dim=-1).reshape(rows, cols)
 
 
 def snapshot_masks(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -67,7 +67,7 @@ def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Te
     opt.step()
     opt.zero_grad(set_to_none=True)
     t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, float(loss)
+    return t1 - t0, t2 - t1, float(loss.detach())
 
 
 def summary(xs: list[float]) -> dict[str, float]:
@@ -96,12 +96,14 @@ def main() -> None:
     total = args.warmup + args.steps
     batches = make_batches(total, args.batch, args.seq_len, args.data)
 
-    plain_model = load_model(MODEL)
-    sparsify(plain_model)
+    base = load_model(MODEL)
+    sparsify(base)
     with torch.no_grad():
-        for _, layer in sparse_layers(plain_model):
+        for _, layer in sparse_layers(base):
             layer.set_mask(magnitude_nm_mask(layer.weight))
-    ast_model = copy.deepcopy(plain_model)
+    # Two fresh copies, so neither keeps the loader's memory layout (e.g. file-backed pages).
+    plain_model, ast_model = copy.deepcopy(base), copy.deepcopy(base)
+    del base
     plain_model.train()
     ast_model.train()
 

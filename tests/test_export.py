@@ -148,6 +148,17 @@ def test_export_refuses_a_model_that_is_not_24(tmp_path: Path, tokenizer) -> Non
     assert not verify_model(model).ok
 
 
+def test_dense_model_exports_as_a_plain_checkpoint(tmp_path: Path) -> None:
+    _sparse_model("tiny:llama")  # fills the cache
+    dense = copy.deepcopy(_BASE["tiny:llama"])
+    result = export_hf(dense, None, tmp_path / "dense")
+    assert result["pattern"] == "dense" and result["sparse_tensors"] == 0
+    assert not (tmp_path / "dense" / "masks.safetensors").exists()
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    torch.testing.assert_close(_logits(stock), _logits(dense), rtol=0, atol=0)
+    assert not verify_hf_dir(tmp_path / "dense").ok  # nothing sparse to vouch for
+
+
 def test_export_replaces_a_previous_export_and_leaves_no_temp_dirs(tmp_path: Path) -> None:
     out = tmp_path / "out"
     first, second = _sparse_model("tiny:llama"), _sparse_model("tiny:llama")
@@ -233,4 +244,18 @@ def test_load_with_slorb_uses_stored_masks_when_a_kept_weight_is_zero(tmp_path: 
     assert isinstance(got, SparseLinear) and got.from_conv1d
     for (n1, a), (n2, b) in zip(sparse_layers(model), sparse_layers(rebuilt)):
         assert n1 == n2 and torch.equal(a.mask, b.mask)
+    torch.testing.assert_close(_logits(rebuilt), _logits(model), rtol=1e-6, atol=1e-6)
+
+
+def test_load_with_slorb_rebuilds_a_trainable_projection_and_per_layer_group_size(tmp_path: Path) -> None:
+    model = _sparse_model("tiny:gpt2")
+    add_slorb(model, 8, trainable_projection=True)
+    with torch.no_grad():
+        first = slorb_layers(model)[0][2]
+        first.X.add_(0.01)  # no longer a 0/1 group-sum: only the stored X reproduces it
+    export_hf(model, None, tmp_path / "x")
+    info = json.loads((tmp_path / "x" / "sparsity.json").read_text())["slorb"]
+    assert info["mode"] == "side" and all(v == {"group_size": 8, "trainable_projection": True}
+                                          for v in info["layers"].values())
+    rebuilt = load_with_slorb(tmp_path / "x")
     torch.testing.assert_close(_logits(rebuilt), _logits(model), rtol=1e-6, atol=1e-6)

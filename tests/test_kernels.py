@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ast_core import kernels
-from ast_core.kernels import (KernelsUnavailable, compare_outputs, cuda_available, speed_table,
+from ast_core.kernels import (KernelsUnavailable, compare_outputs, cuda_available, kernel_report, speed_table,
                               speed_table_markdown, to_semi_structured)
 from ast_core.masks import magnitude_score, nm_mask
 from ast_core.models import load_model
@@ -45,6 +45,14 @@ def test_to_semi_structured_refuses_without_cuda_and_leaves_the_model(monkeypatc
     with pytest.raises(KernelsUnavailable, match="skipped: no CUDA"):
         to_semi_structured(model)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_kernel_report_raises_the_skip_reason_and_writes_nothing(monkeypatch: pytest.MonkeyPatch,
+                                                                 tmp_path: Path) -> None:
+    _no_cuda(monkeypatch)
+    with pytest.raises(KernelsUnavailable, match="skipped: no CUDA"):
+        kernel_report(torch.nn.Linear(8, 8), [1, 16], tmp_path / "kernels")
+    assert not (tmp_path / "kernels").exists()
 
 
 def test_speed_table_markdown_marks_slower_rows_and_failed_checks() -> None:
@@ -115,3 +123,15 @@ def test_speed_table_rows_are_checked_against_dense_on_gpu() -> None:
     rows = speed_table([(256, 256)], [16, 256], iters=5, inner=2, warmup=2)
     assert len(rows) == 2 and all(r["ok"] and r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
     assert all(r["backend"] == kernels.default_backend() for r in rows)
+
+
+@needs_cuda
+def test_kernel_report_covers_every_layer_shape_and_leaves_the_model(tmp_path: Path) -> None:
+    model = load_model("tiny:llama")
+    sparsify(model)
+    for _, layer in sparse_layers(model):
+        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
+    report = kernel_report(model, [16], tmp_path, iters=3)
+    assert {(r["out"], r["in"]) for r in report["rows"]} == {(64, 64), (32, 64), (128, 64), (64, 128)}
+    assert report["converted"] == 14 and report["logit_diff"]["max_rel"] < 2e-2
+    assert (tmp_path / "speed_table.md").exists() and len(list(sparse_layers(model))) == 14
