@@ -7,6 +7,14 @@ as lm-eval's built-in task of the same name, pointing at the Hugging Face hub.
 versions have and writes, next to them, a YAML per task that ``include``s the package YAML
 and replaces only the data source (``dataset_path: json`` + absolute ``data_files``).
 Task names stay the standard ones (``boolq``, ``piqa``, ...), so result keys match lm-eval's.
+The converted files live in ``$XDG_CACHE_HOME/ast-pipeline/lm_eval_data/<mirror hash>/`` by
+default (absolute paths differ per machine, so they are generated, never committed); the same
+folder works with the CLI: ``lm_eval --include_path <that folder> --tasks piqa ...``.
+
+Local tasks are indexed with ``TaskManager(include_path=<folder>, include_defaults=False)``
+(skipping lm-eval's ~16 s scan of its own tasks) and never touch the hub. Hub tasks
+(HellaSwag, or any task the mirror lacks) are loaded from the package YAML by path, and only
+with ``offline=False``.
 
 Why convert instead of pointing lm-eval at the raw files: the prompts index fields by
 their hub names (GLUE RTE ``sentence1``/``label`` int, OBQA ``question_stem``, ARC

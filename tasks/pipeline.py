@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from typing import Callable
 
 from . import cache_teacher, compile, evaluate, prepare, train
-from .common import RunContext
+from .common import RunContext, log
 
 STAGE_FUNCS: dict[str, Callable[[RunContext], dict]] = {
     "prepare": prepare.run,
@@ -17,7 +18,10 @@ STAGE_FUNCS: dict[str, Callable[[RunContext], dict]] = {
 
 
 def run_stage(ctx: RunContext, stage: str) -> dict:
-    return STAGE_FUNCS[stage](ctx)
+    start = time.perf_counter()
+    result = STAGE_FUNCS[stage](ctx)
+    log.info("%s: finished in %.1f s", stage, time.perf_counter() - start)
+    return result
 
 
 def run_all(ctx: RunContext) -> dict:

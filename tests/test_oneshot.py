@@ -17,7 +17,7 @@ from ast_core.masks import check_weights, mask_is_exact, nm_mask, wanda_score
 from ast_core.models import load_model
 from ast_core.oneshot import (METHODS, inverse_hessian_cholesky, oneshot_prune, prune_magnitude, prune_wanda,
                               sparsegpt_nm)
-from ast_core.sparse import block_container, sparse_layers, sparsify
+from ast_core.sparse import SparseLinear, block_container, sparse_layers, sparsify
 
 ARCHS = ["tiny:llama", "tiny:gpt2", "tiny:opt"]
 C4 = "c4/c4-en-train.00000-of-01024.first1000.jsonl"
@@ -158,7 +158,7 @@ def test_sequential_wanda_measures_block_inputs_after_pruning_earlier_blocks():
     assert any(not torch.equal(non_seq.get_submodule(n).mask, seq_model.get_submodule(n).mask) for n in block1)
 
 
-def test_oneshot_prune_rejects_unknown_method_missing_calibration_and_dense_models():
+def test_oneshot_prune_rejects_bad_method_missing_calibration_dense_models_and_layers_outside_blocks():
     model = _sparse_model("tiny:gpt2")
     with pytest.raises(ValueError, match="unknown one-shot method"):
         oneshot_prune(model, "obc")
@@ -166,6 +166,9 @@ def test_oneshot_prune_rejects_unknown_method_missing_calibration_and_dense_mode
         oneshot_prune(model, "sparsegpt")
     with pytest.raises(ValueError, match="sparsify"):
         oneshot_prune(load_model("tiny:gpt2"), "magnitude")
+    model.lm_head = SparseLinear.from_module(model.lm_head)  # a sparse layer outside the blocks
+    with pytest.raises(ValueError, match="outside"):
+        oneshot_prune(model, "sparsegpt", _calib())
     with pytest.raises(ValueError, match="multiple of M"):
         sparsegpt_nm(torch.randn(4, 8), torch.eye(8), blocksize=6)
 
