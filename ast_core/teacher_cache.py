@@ -159,8 +159,9 @@ def build_cache(root: Path, teacher: torch.nn.Module, blocks: np.ndarray, fp: di
         del files
         tokens = n * blocks.shape[1]
         total_bytes = sum(p.stat().st_size for p in tmp.glob("*.npy"))
+        payload = n * sum(int(np.prod(f["shape"])) * np.dtype(f["dtype"]).itemsize for f in fields.values())
         meta = {"fingerprint": fp, "n_blocks": n, "shard_blocks": shard_blocks, "fields": fields,
-                "bytes_per_token": total_bytes / max(tokens, 1), "total_bytes": total_bytes}
+                "bytes_per_token": payload / max(tokens, 1), "total_bytes": total_bytes}
         atomic_write_json(tmp / FINGERPRINT, meta)
         if root.exists():
             shutil.rmtree(root)
