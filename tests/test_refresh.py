@@ -93,7 +93,7 @@ def test_refresh_uses_each_layer_pattern():
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (3, 4), (2, 8), (4, 8), (4, 16)])
-def test_rank_count_mask_equals_nm_mask_including_ties(n, m):
+def test_magnitude_mask_equals_nm_mask_including_ties(n, m):
     g = torch.Generator().manual_seed(n * 100 + m)
     dense = torch.randn(33, 4 * m, generator=g)
     ties = torch.randint(-2, 3, (33, 4 * m), generator=g).float()  # many equal magnitudes, ± pairs
@@ -101,8 +101,10 @@ def test_rank_count_mask_equals_nm_mask_including_ties(n, m):
         assert torch.equal(magnitude_nm_mask(w, n, m), nm_mask(w.abs(), n, m))
 
 
-def test_rank_count_mask_compares_in_float32_like_nm_mask():
-    w = torch.tensor([[1.0, 1.0 + 1e-12, 0.5, 0.25]], dtype=torch.float64)  # equal in float32
+def test_two_of_four_path_compares_in_float32_like_nm_mask():
+    # float64 would keep columns 2, 3; in float32 columns 1-3 tie and the lower two win
+    w = torch.tensor([[0.5, 1.0, 1.0 + 1e-12, 1.0 + 2e-12]], dtype=torch.float64)
+    assert magnitude_nm_mask(w).tolist() == [[False, True, True, False]]
     assert torch.equal(magnitude_nm_mask(w), nm_mask(w.abs()))
 
 
