@@ -39,7 +39,8 @@ class _MaskedWeightSTE(torch.autograd.Function):
 
 
 def masked_weight_ste(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return _MaskedWeightSTE.apply(weight, mask.to(weight.dtype))
+    # bool -> float through uint8 is several times faster than a direct bool cast on CPU
+    return _MaskedWeightSTE.apply(weight, mask.view(torch.uint8).to(weight.dtype))
 
 
 class SparseLinear(nn.Module):

@@ -56,6 +56,7 @@ class LoopConfig(Protocol):
     lambda_max: float
     t0: int
     refresh_every: int
+    second_moment: str
     kd_alpha: float
     temperature: float
     squarehead: bool
@@ -161,7 +162,7 @@ def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> ASTAdamW:
     masks = masks_for(model) if cfg.adaptive else None
     return ASTAdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
-                    eps=cfg.eps, weight_decay=cfg.weight_decay, masks=masks)
+                    eps=cfg.eps, weight_decay=cfg.weight_decay, masks=masks, second_moment=cfg.second_moment)
 
 
 def make_schedule(cfg: LoopConfig) -> ASTSchedule:

@@ -86,6 +86,8 @@ class TrainConfig(_Section):
     lambda_max: float = Field(2e-3, ge=0, le=1.0, description="peak SR-STE decay on masked weights")
     t0_steps: int | None = Field(None, ge=0, description="steps to reach lambda_max; default 25% of steps")
     refresh_every: int = Field(10, ge=1)
+    second_moment: Literal["gradient", "update"] = Field(
+        "gradient", description="AST-AdamW v tracks (g + decay)^2 (AdamW at lambda=0) or u^2 = (m + decay)^2")
     kd_alpha: float = Field(0.67, ge=0, le=1)
     temperature: float = Field(2.0, gt=0, le=100)
     squarehead: bool = False

@@ -2,7 +2,7 @@
 
 Outputs (``train/``): ``checkpoints/`` (resumable), ``final/model.safetensors``
 (weights + masks + SLoRB), ``final/meta.json`` (how to rebuild the model) and
-``history.jsonl`` (per-step metrics).
+``history.jsonl`` (per-step metrics, with CSV views ``history.csv`` and ``flips.csv`` for ``dvc plots``).
 """
 
 from __future__ import annotations
@@ -100,12 +100,24 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
             raise StageError(f"training stopped at step {result.steps} of {c.train.steps}; "
                              "continue with --resume")
         atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
+        write_plot_tables(out, result.history)
         info.update(tokens_trained=result.tokens, steps=result.steps, resumed_from=result.resumed_from,
                     flip_rate_final=result.last_flip.rate_prev if result.last_flip else 0.0,
                     flip_rate_init_final=result.last_flip.rate_init if result.last_flip else 0.0)
     save_final(ctx, model, info)
     ctx.mark_done("train", fp, **info)
     return ctx.done("train")
+
+
+def write_plot_tables(out: Path, history: list[dict]) -> None:
+    """CSV views of ``history.jsonl`` for ``dvc plots`` (DVC reads CSV/JSON, not JSON lines):
+    ``history.csv`` every logged step, ``flips.csv`` the mask-refresh steps only."""
+    from math import exp
+    rows = [f"{h['step']},{h['loss']},{h['ce']},{h['kl']},{h['lr']},{h['lam']},{exp(min(h['ce'], 700.0))}\n"
+            for h in history]
+    atomic_write_text(out / "history.csv", "step,loss,ce,kl,lr,lam,train_ppl\n" + "".join(rows))
+    flips = [f"{h['step']},{h['flip_rate_prev']},{h['flip_rate_init']}\n" for h in history if "flip_rate_prev" in h]
+    atomic_write_text(out / "flips.csv", "step,flip_rate_prev,flip_rate_init\n" + "".join(flips))
 
 
 def save_final(ctx: RunContext, model: torch.nn.Module, info: dict) -> None:
