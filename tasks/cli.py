@@ -89,12 +89,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     configure_threads()
     ctx = RunContext.create(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     if args.command == "run":
-        metrics = run_all(ctx)
+        metrics = run_all(ctx, params_file=args.params)
         print(f"done: {ctx.out / 'metrics.json'} (ppl {metrics['ppl_wikitext2']:.2f} sparse, "
               f"{metrics['ppl_wikitext2_dense']:.2f} dense)")
     else:
         ctx.out.mkdir(parents=True, exist_ok=True)  # stages follow their inputs (DVC re-runs them)
-        run_stage(ctx, args.stage)
+        run_stage(ctx, args.stage, params_file=args.params)
     return 0
 
 

@@ -65,3 +65,15 @@ def test_embedded_model_loads_offline(smollm2, smollm2_tokenizer) -> None:
     with torch.no_grad():
         nxt = smollm2(ids).logits[0, -1].argmax()
     assert smollm2_tokenizer.decode(nxt).strip() == "Paris"
+
+
+def test_the_suite_refuses_network_connections() -> None:
+    """conftest blocks every non-loopback connection: a download attempt fails the test."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        with pytest.raises(RuntimeError, match="network connection"):
+            s.connect(("93.184.216.34", 443))
+    finally:
+        s.close()

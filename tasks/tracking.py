@@ -1,0 +1,475 @@
+"""MLflow tracking of every pipeline run: a parent run per pipeline run, a nested run per stage.
+
+The CLI, Prefect and DVC all go through :func:`tasks.pipeline.run_stage` /
+``run_all``, which wrap each stage in :meth:`Tracker.stage`; so every way of
+running the pipeline is tracked the same way:
+
+- ``run_all`` opens a new parent run (experiment = the params ``name``) holding
+  the flattened config as params; each stage is a nested child run.
+- A single ``ast-pipeline stage X`` (DVC runs stages as separate processes)
+  reuses the parent recorded in ``DIR/mlflow_run.json`` when it has the same
+  config hash and tracking store, else opens a new parent and records it.
+- Training steps are buffered and sent with ``log_batch`` every
+  :data:`FLUSH_EVERY_STEPS` steps (or :data:`FLUSH_EVERY_S` seconds) and at the
+  end, so tracking costs the training loop next to nothing.
+- Final metrics (perplexities, ``zero_shot/<task>``, tokens, flip rate,
+  compressed ratio, cache bytes/token, ``wall_time_s/<stage>``), lineage tags
+  (git commit, data manifest hash, teacher cache fingerprint, ``dvc.lock``
+  sha256, params file) and artifacts (metrics.json/.md, sparsity reports,
+  plots) go to the stage run and to the parent, so the parent row of the
+  MLflow runs table is enough to compare pipeline runs.
+
+Store: ``MLFLOW_TRACKING_URI`` or, by default, ``sqlite:///<repo>/mlruns.db``
+with artifacts in ``<repo>/mlartifacts`` (beside the database for any sqlite
+URI). Browse with::
+
+    mlflow ui --backend-store-uri sqlite:///mlruns.db --host 127.0.0.1 --port 5000
+
+``AST_TRACKING=off`` disables tracking (mlflow is then never imported). A
+tracking failure never costs work: it logs one warning and the pipeline goes
+on untracked. MLflow's own usage telemetry is off unless the user set
+``MLFLOW_DISABLE_TELEMETRY`` (the pipeline is meant to run offline).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+from .common import REPO_ROOT, RunContext, hash_json
+from .config import PipelineConfig
+
+if TYPE_CHECKING:
+    from ast_core.train import StepLog
+
+log = logging.getLogger("ast_pipeline.tracking")
+
+ENV_SWITCH = "AST_TRACKING"
+RECORD_FILE = "mlflow_run.json"
+FLUSH_EVERY_STEPS = 50
+FLUSH_EVERY_S = 30.0
+MAX_PARAM_LEN = 6000      # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
+MAX_TAG_LEN = 8000        # MAX_TAG_VAL_LENGTH
+PARAMS_PER_BATCH = 100    # MAX_PARAMS_TAGS_PER_BATCH
+METRICS_PER_BATCH = 1000  # MAX_ENTITIES_PER_BATCH
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def enabled() -> bool:
+    """Tracking is on unless ``AST_TRACKING`` is off/0/false/no."""
+    return os.environ.get(ENV_SWITCH, "on").strip().lower() not in ("off", "0", "false", "no")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{REPO_ROOT / 'mlruns.db'}"
+
+
+def artifact_root(uri: str) -> Path | None:
+    """``mlartifacts/`` beside a sqlite database: MLflow's own default (``./mlruns``) depends on the cwd."""
+    if not uri.startswith("sqlite:///") or ":memory:" in uri:
+        return None
+    return Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+
+
+def params_ref(path: str | Path | None) -> str | None:
+    """The params file as a tag: repo-relative when inside the repo (stable across checkouts), else absolute."""
+    if not path:
+        return None
+    p = Path(path).resolve()
+    return p.relative_to(REPO_ROOT).as_posix() if p.is_relative_to(REPO_ROOT) else str(p)
+
+
+def config_hash(cfg: PipelineConfig) -> str:
+    """Same hash as ``RunContext.claim`` writes to ``run.json``."""
+    return hash_json(cfg.model_dump(mode="json"))
+
+
+def flat_params(cfg: PipelineConfig) -> dict[str, str]:
+    """The validated config as ``section.key`` -> string (lists as JSON), cut to MLflow's length limit."""
+    out = {}
+    for key, value in cfg.flat().items():
+        text = value if isinstance(value, str) else json.dumps(value)
+        out[key] = text[:MAX_PARAM_LEN]
+    return out
+
+
+@lru_cache(maxsize=1)
+def git_commit() -> str | None:
+    try:
+        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (res.stdout.strip() or None) if res.returncode == 0 else None
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def lineage_tags(ctx: RunContext, params_file: str | None) -> dict[str, str]:
+    """Where the run came from, as far as it is known now (later stages add the data and cache hashes)."""
+    tags = {"ast.config_hash": config_hash(ctx.cfg), "ast.run_dir": str(ctx.out), "ast.method": ctx.cfg.train.method}
+    if params_file:
+        tags["params_file"] = params_file
+    if commit := git_commit():
+        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
+    for lock in dict.fromkeys((Path.cwd() / "dvc.lock", REPO_ROOT / "dvc.lock")):
+        if lock.is_file():
+            tags["dvc_lock_sha256"] = _sha256_file(lock)
+            break
+    prep = ctx.done("prepare")
+    if prep and "manifest" in prep:
+        tags["data_manifest_hash"] = str(prep["manifest"].get("hash"))
+    cache = ctx.done("cache-teacher")
+    if cache:
+        fields = cache.get("fingerprint_fields")
+        tags["teacher_cache_fingerprint"] = hash_json(fields) if fields else f"none ({cache.get('skipped', '?')})"
+    return {k: v[:MAX_TAG_LEN] for k, v in tags.items()}
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def stage_metrics(ctx: RunContext, stage: str, result: dict) -> dict[str, float]:
+    """The numbers worth comparing across runs, from what the stage returned."""
+    m: dict[str, Any] = {}
+    if stage == "prepare":
+        counts = result.get("counts", {})
+        m = {"train_tokens": counts.get("train_tokens"), "train_blocks": counts.get("train_blocks")}
+    elif stage == "cache-teacher":
+        m = {"teacher_cache_bytes_per_token": result.get("bytes_per_token"),
+             "teacher_cache_blocks": result.get("blocks")}
+    elif stage == "train":
+        m = {k: v for k, v in result.items() if k not in ("fingerprint", "resumed_from")}
+    elif stage == "compile":
+        comp = result.get("compressed", {})
+        m = {"sparse_layers": result.get("sparse_layers"), "compressed_ratio": comp.get("sparse_linear_ratio"),
+             "compressed_checkpoint_ratio": comp.get("checkpoint_ratio"),
+             "compressed_file_bytes": comp.get("file_bytes")}
+    elif stage == "evaluate":
+        m = {k: result.get(k) for k in ("ppl_wikitext2", "ppl_wikitext2_dense", "tokens_trained",
+                                         "flip_rate_final", "compressed_ratio")}
+        for prefix in ("zero_shot", "zero_shot_dense"):
+            scores = result.get(prefix) or {}
+            m.update({f"{prefix}/{task}": acc for task, acc in scores.items()})
+            if scores:
+                m[f"{prefix}/mean"] = sum(scores.values()) / len(scores)
+    return {k: f for k, v in m.items() if (f := _number(v)) is not None}
+
+
+def stage_files(ctx: RunContext, stage: str) -> list[Path]:
+    """Small files of a stage worth keeping beside the run (logged under their run-dir-relative path)."""
+    rel = {
+        "prepare": ["prepare/manifest.json"],
+        "cache-teacher": ["cache_teacher/cache/fingerprint.json"],
+        "train": ["train/history.jsonl", "train/final/meta.json"],
+        "compile": ["compile/report.json", "export/hf/sparsity.json"],
+        "evaluate": ["metrics.json", "metrics.md"],
+    }[stage]
+    return [ctx.out / r for r in rel if (ctx.out / r).is_file()]
+
+
+def write_plots(ctx: RunContext, stage: str) -> list[Path]:
+    """``DIR/plots/*.png`` after train and evaluate; a plotting error is a warning, never a failed stage."""
+    from . import plots
+    try:
+        if stage == "train":
+            return plots.training_plots(plots.read_history(ctx.stage_dir("train") / "history.jsonl"),
+                                        ctx.out / "plots")
+        if stage == "evaluate" and (ctx.out / "metrics.json").is_file():
+            return plots.perplexity_plot(json.loads((ctx.out / "metrics.json").read_text()), ctx.out / "plots")
+    except Exception as exc:  # noqa: BLE001 - plots are a by-product
+        log.warning("plots for %s not written: %s", stage, exc)
+    return []
+
+
+def _done_stamp(ctx: RunContext, stage: str) -> int | None:
+    p = ctx.stage_dir(stage) / "done.json"
+    return p.stat().st_mtime_ns if p.exists() else None
+
+
+class StageRun:
+    """What a stage reports to while it runs. This base tracks nothing (tracking off or broken)."""
+
+    def __init__(self, ctx: RunContext, stage: str) -> None:
+        self.ctx, self.stage = ctx, stage
+        self.start = time.perf_counter()
+        self.stamp = _done_stamp(ctx, stage)
+        self.plots: list[Path] = []
+
+    def on_step(self, step: "StepLog") -> None:
+        """Training's per-step callback."""
+
+    def finish(self, result: dict) -> None:
+        """The stage returned ``result``: write the plots (tracked or not, DVC shows them)."""
+        self.plots = write_plots(self.ctx, self.stage)
+
+    @property
+    def skipped(self) -> bool:
+        """Its ``done.json`` was not rewritten: the stage was up to date."""
+        return self.stamp is not None and self.stamp == _done_stamp(self.ctx, self.stage)
+
+
+class Tracker:
+    """A pipeline run as MLflow sees it. This base is the no-op used when tracking is off or broken."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        self.ctx = ctx
+
+    def _stage_run(self, stage: str) -> StageRun:
+        return StageRun(self.ctx, stage)
+
+    @contextmanager
+    def stage(self, stage: str) -> Iterator[StageRun]:
+        run = self._stage_run(stage)
+        status = "FINISHED"
+        try:
+            yield run
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self._end_stage(run, status)
+
+    def _end_stage(self, run: StageRun, status: str) -> None:
+        pass
+
+    def close(self, status: str) -> None:
+        pass
+
+
+class MlflowStageRun(StageRun):
+    def __init__(self, tracker: "MlflowTracker", stage: str, run_id: str | None) -> None:
+        super().__init__(tracker.ctx, stage)
+        self.tracker, self.run_id = tracker, run_id
+        self.buffer: list[Any] = []
+        self.steps_logged: set[int] = set()
+        self.pending_steps = 0
+        self.last_flush = time.monotonic()
+
+    def on_step(self, step: "StepLog") -> None:
+        if self.run_id is None or self.tracker.broken:
+            return
+        try:
+            from mlflow.entities import Metric
+            values = step.as_dict()
+            n = int(values.pop("step"))
+            ts = int(time.time() * 1000)
+            self.buffer.extend(Metric(k, float(v), ts, n) for k, v in values.items())
+            self.steps_logged.add(n)
+            self.pending_steps += 1
+            if self.pending_steps >= FLUSH_EVERY_STEPS or time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
+                self.flush()
+        except Exception as exc:  # noqa: BLE001 - never stop training for tracking
+            self.tracker.fail("logging a training step", exc)
+
+    def flush(self) -> None:
+        buf, self.buffer, self.pending_steps, self.last_flush = self.buffer, [], 0, time.monotonic()
+        for i in range(0, len(buf), METRICS_PER_BATCH):
+            self.tracker.call("logging step metrics", self.tracker.client.log_batch, self.run_id,
+                              metrics=buf[i:i + METRICS_PER_BATCH])
+
+    def _backfill_history(self) -> None:
+        """Steps not seen live (a skipped stage, or steps before a --resume) come from history.jsonl."""
+        from mlflow.entities import Metric
+
+        from .plots import read_history
+        ts = int(time.time() * 1000)
+        for rec in read_history(self.ctx.stage_dir("train") / "history.jsonl"):
+            n = int(rec["step"])
+            if n not in self.steps_logged:
+                self.buffer.extend(Metric(k, float(v), ts, n) for k, v in rec.items() if k != "step")
+                self.steps_logged.add(n)
+
+    def finish(self, result: dict) -> None:
+        super().finish(result)
+        if self.run_id is None or self.tracker.broken:
+            return
+        try:
+            self._report(result)
+        except Exception as exc:  # noqa: BLE001 - tracking must never fail a finished stage
+            self.tracker.fail(f"reporting the {self.stage} stage", exc)
+
+    def _report(self, result: dict) -> None:
+        wall = time.perf_counter() - self.start
+        t = self.tracker
+        if self.stage == "train":
+            t.call("reading the training history", self._backfill_history)
+        self.flush()
+        metrics = {**stage_metrics(self.ctx, self.stage, result), "wall_time_s": wall}
+        t.log_metrics(self.run_id, metrics)
+        t.log_metrics(t.parent_id, {(f"wall_time_s/{self.stage}" if k == "wall_time_s" else k): v
+                                    for k, v in metrics.items()})
+        tags = {**lineage_tags(self.ctx, t.params_file), "ast.skipped": str(self.skipped).lower()}
+        t.log_tags(self.run_id, tags)
+        t.log_tags(t.parent_id, {k: v for k, v in tags.items() if k != "ast.skipped"})
+        for path in [*stage_files(self.ctx, self.stage), *self.plots]:
+            for run_id in (self.run_id, t.parent_id):
+                t.log_file(run_id, path)
+
+
+class MlflowTracker(Tracker):
+    """A parent MLflow run; every call goes through :meth:`call`, which turns a failure into one warning."""
+
+    def __init__(self, ctx: RunContext, client: Any, experiment_id: str, parent_id: str,
+                 params_file: str | None) -> None:
+        super().__init__(ctx)
+        self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
+        self.params_file = params_file
+        self.broken = False
+
+    def fail(self, what: str, exc: BaseException) -> None:
+        if not self.broken:
+            log.warning("tracking: %s failed (%s: %s); continuing without MLflow for this run",
+                        what, type(exc).__name__, exc)
+        self.broken = True
+
+    def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self.broken:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - tracking must never lose work
+            self.fail(what, exc)
+            return None
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, v, ts, 0) for k, v in metrics.items()]
+        for i in range(0, len(batch), METRICS_PER_BATCH):
+            self.call("logging metrics", self.client.log_batch, run_id, metrics=batch[i:i + METRICS_PER_BATCH])
+
+    def log_tags(self, run_id: str, tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+        batch = [RunTag(k, v) for k, v in tags.items()]
+        for i in range(0, len(batch), PARAMS_PER_BATCH):
+            self.call("setting tags", self.client.log_batch, run_id, tags=batch[i:i + PARAMS_PER_BATCH])
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        from mlflow.entities import Param
+        batch = [Param(k, v) for k, v in params.items()]
+        for i in range(0, len(batch), PARAMS_PER_BATCH):
+            self.call("logging params", self.client.log_batch, run_id, params=batch[i:i + PARAMS_PER_BATCH])
+
+    def log_file(self, run_id: str, path: Path) -> None:
+        rel = path.relative_to(self.ctx.out).parent.as_posix() if path.is_relative_to(self.ctx.out) else ""
+        self.call(f"uploading {path.name}", self.client.log_artifact, run_id, str(path),
+                  artifact_path=None if rel in ("", ".") else rel)
+
+    def _stage_run(self, stage: str) -> StageRun:
+        def start() -> str:
+            tags = {PARENT_TAG: self.parent_id, "ast.stage": stage, **lineage_tags(self.ctx, self.params_file)}
+            return self.client.create_run(self.experiment_id, tags=tags, run_name=stage).info.run_id
+        return MlflowStageRun(self, stage, self.call(f"starting the {stage} run", start))
+
+    def _end_stage(self, run: StageRun, status: str) -> None:
+        if isinstance(run, MlflowStageRun) and run.run_id:
+            if run.buffer:  # an interrupted training keeps the steps it logged
+                run.flush()
+            self.call(f"ending the {run.stage} run", self.client.set_terminated, run.run_id, status)
+
+    def close(self, status: str) -> None:
+        self.call("ending the pipeline run", self.client.set_terminated, self.parent_id, status)
+
+
+def _experiment(client: Any, name: str, uri: str) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is None:
+        root = artifact_root(uri)
+        try:
+            return client.create_experiment(name, artifact_location=(root / name).as_uri() if root else None)
+        except Exception:  # noqa: BLE001 - created meanwhile by another process
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.lifecycle_stage == "deleted":
+        log.info("tracking: restoring the deleted MLflow experiment %r", name)
+        client.restore_experiment(exp.experiment_id)
+    return exp.experiment_id
+
+
+def _read_record(ctx: RunContext) -> dict:
+    try:
+        return json.loads((ctx.out / RECORD_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _reusable_parent(client: Any, record: dict, uri: str, experiment_id: str, cfg_hash: str) -> str | None:
+    """The recorded parent run, if it is this config's, in this store, and still there."""
+    if (record.get("config_hash"), record.get("tracking_uri"), record.get("experiment_id")) != \
+            (cfg_hash, uri, experiment_id):
+        return None
+    try:
+        run = client.get_run(record["run_id"])
+    except Exception:  # noqa: BLE001 - deleted, or another store: start a new parent
+        return None
+    return run.info.run_id if run.info.lifecycle_stage == "active" else None
+
+
+def _open(ctx: RunContext, reuse: bool, params_file: str | None) -> MlflowTracker:
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+
+    from ast_core.checkpoint import atomic_write_json
+    uri = tracking_uri()
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = _experiment(client, ctx.cfg.name, uri)
+    cfg_hash = config_hash(ctx.cfg)
+    parent_id = _reusable_parent(client, _read_record(ctx), uri, experiment_id, cfg_hash) if reuse else None
+    if parent_id is not None:
+        client.update_run(parent_id, status="RUNNING")
+        tracker = MlflowTracker(ctx, client, experiment_id, parent_id, params_file)
+    else:
+        run = client.create_run(experiment_id, run_name=f"{ctx.cfg.name}-{ctx.cfg.train.method}-{cfg_hash[:6]}",
+                                tags={"ast.kind": "pipeline"})
+        tracker = MlflowTracker(ctx, client, experiment_id, run.info.run_id, params_file)
+        tracker.log_params(run.info.run_id, flat_params(ctx.cfg))
+        ctx.out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ctx.out / RECORD_FILE, {
+            "run_id": run.info.run_id, "experiment_id": experiment_id, "experiment_name": ctx.cfg.name,
+            "tracking_uri": uri, "config_hash": cfg_hash, "params_file": params_file})
+    tracker.log_tags(tracker.parent_id, lineage_tags(ctx, params_file))
+    log.info("tracking: MLflow run %s (experiment %r) in %s", tracker.parent_id, ctx.cfg.name, uri)
+    return tracker
+
+
+@contextmanager
+def pipeline_run(ctx: RunContext, *, reuse: bool, params_file: str | None = None) -> Iterator[Tracker]:
+    """The parent run around one or more stages; ``reuse`` continues the recorded one (single stages)."""
+    tracker: Tracker = Tracker(ctx)
+    params_file = params_ref(params_file)
+    if enabled():
+        try:
+            tracker = _open(ctx, reuse, params_file)
+        except Exception as exc:  # noqa: BLE001 - tracking must never lose work
+            log.warning("tracking: MLflow unavailable at %s (%s: %s); running untracked "
+                        "(set %s=off to silence this)", tracking_uri(), type(exc).__name__, exc, ENV_SWITCH)
+    status = "FINISHED"
+    try:
+        yield tracker
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        tracker.close(status)
