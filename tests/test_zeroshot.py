@@ -291,9 +291,14 @@ def test_lm_eval_accuracy_equals_hand_computed_choice_argmax(smollm2, smollm2_to
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)
 def test_smollm2_beats_chance_on_local_tasks_limit_100(smollm2, smollm2_tokenizer, shared_data: Path,
                                                        tmp_path: Path) -> None:
-    """Measured accuracy of SmolLM2-135M on the first 100 items of every local task."""
+    """Measured accuracy of SmolLM2-135M on the first 100 items of every local task.
+
+    Measured (2 shared CPU cores, ~33 min): arc_easy 0.49, piqa 0.65, winogrande 0.48,
+    openbookqa 0.17, rte 0.59, arc_challenge 0.23, lambada_openai 0.30, boolq 0.38.
+    """
     t0 = time.perf_counter()
     scores = zs.zero_shot(smollm2, smollm2_tokenizer, list(COUNTS), limit=100, batch_size=16,
                           mirror=shared_data, cache_dir=tmp_path)
