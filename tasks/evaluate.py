@@ -56,7 +56,7 @@ def run(ctx: RunContext) -> dict:
     }
     compile_info = ctx.done("compile") or {}
     if "compressed" in compile_info:
-        metrics["compressed_ratio"] = compile_info["compressed"].get("ratio")
+        metrics["compressed_ratio"] = compile_info["compressed"].get("sparse_linear_ratio")
     atomic_write_json(ctx.out / "metrics.json", metrics)
     atomic_write_text(ctx.out / "metrics.md", table(metrics))
     ctx.mark_done("evaluate", fp, metrics=metrics)

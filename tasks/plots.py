@@ -24,10 +24,10 @@ def read_history(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _figure(title: str):
+def _figure(title: str, height: float = 4.0):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, 4), dpi=100)
+    fig = Figure(figsize=(7, height), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title)
@@ -56,14 +56,24 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
     if not history:
         return []
     written = []
-    fig, ax = _figure("training loss")
-    for key in ("loss", "ce", "kl"):
+    fig, ax = _figure("training loss (KD: α·KL + (1-α)·CE)", height=5.5)
+    marker = "." if len(history) < 50 else None
+    for key in ("loss", "ce"):
         xs, ys = _series(history, key)
-        if xs and (key != "kl" or any(ys)):  # methods without KD log kl = 0
-            ax.plot(xs, ys, label=key, marker="." if len(xs) < 50 else None)
-    ax.set_xlabel("step")
+        ax.plot(xs, ys, label=key, marker=marker)
     ax.set_ylabel("loss")
-    ax.legend()
+    ax.legend(loc="best")
+    xs, ys = _series(history, "kl")
+    if xs and any(ys):  # methods without KD log kl = 0
+        kl_ax = fig.add_subplot(2, 1, 2, sharex=ax)  # KL is often orders of magnitude below CE
+        ax.set_subplotspec(fig.add_gridspec(2, 1)[0])
+        kl_ax.plot(xs, ys, label="kl (teacher ‖ student)", color="tab:green", marker=marker)
+        kl_ax.set_ylabel("kl")
+        kl_ax.grid(True, alpha=0.3)
+        kl_ax.legend(loc="best")
+        kl_ax.set_xlabel("step")
+    else:
+        ax.set_xlabel("step")
     written.append(_save(fig, out_dir / TRAIN_PLOTS[0]))
 
     fig, ax = _figure("mask flip rate per refresh")

@@ -281,9 +281,7 @@ class MlflowStageRun(StageRun):
 
     def flush(self) -> None:
         buf, self.buffer, self.pending_steps, self.last_flush = self.buffer, [], 0, time.monotonic()
-        for i in range(0, len(buf), METRICS_PER_BATCH):
-            self.tracker.call("logging step metrics", self.tracker.client.log_batch, self.run_id,
-                              metrics=buf[i:i + METRICS_PER_BATCH])
+        self.tracker.log_batch(self.run_id, "metrics", buf, METRICS_PER_BATCH)
 
     def _backfill_history(self) -> None:
         """Steps not seen live (a skipped stage, or steps before a --resume) come from history.jsonl."""
@@ -340,8 +338,9 @@ class MlflowTracker(Tracker):
                         what, type(exc).__name__, exc)
         self.broken = True
 
-    def call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.broken:
+    def call(self, what: str, fn: Any, *args: Any, force: bool = False, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` or None; after a failure only ``force`` calls (ending runs) are tried."""
+        if self.broken and not force:
             return None
         try:
             return fn(*args, **kwargs)
@@ -349,24 +348,22 @@ class MlflowTracker(Tracker):
             self.fail(what, exc)
             return None
 
+    def log_batch(self, run_id: str, field: str, entities: list[Any], per_batch: int) -> None:
+        for i in range(0, len(entities), per_batch):
+            self.call(f"logging {field}", self.client.log_batch, run_id, **{field: entities[i:i + per_batch]})
+
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
         ts = int(time.time() * 1000)
-        batch = [Metric(k, v, ts, 0) for k, v in metrics.items()]
-        for i in range(0, len(batch), METRICS_PER_BATCH):
-            self.call("logging metrics", self.client.log_batch, run_id, metrics=batch[i:i + METRICS_PER_BATCH])
+        self.log_batch(run_id, "metrics", [Metric(k, v, ts, 0) for k, v in metrics.items()], METRICS_PER_BATCH)
 
     def log_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
-        batch = [RunTag(k, v) for k, v in tags.items()]
-        for i in range(0, len(batch), PARAMS_PER_BATCH):
-            self.call("setting tags", self.client.log_batch, run_id, tags=batch[i:i + PARAMS_PER_BATCH])
+        self.log_batch(run_id, "tags", [RunTag(k, v) for k, v in tags.items()], PARAMS_PER_BATCH)
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
-        batch = [Param(k, v) for k, v in params.items()]
-        for i in range(0, len(batch), PARAMS_PER_BATCH):
-            self.call("logging params", self.client.log_batch, run_id, params=batch[i:i + PARAMS_PER_BATCH])
+        self.log_batch(run_id, "params", [Param(k, v) for k, v in params.items()], PARAMS_PER_BATCH)
 
     def log_file(self, run_id: str, path: Path) -> None:
         rel = path.relative_to(self.ctx.out).parent.as_posix() if path.is_relative_to(self.ctx.out) else ""
@@ -383,10 +380,10 @@ class MlflowTracker(Tracker):
         if isinstance(run, MlflowStageRun) and run.run_id:
             if run.buffer:  # an interrupted training keeps the steps it logged
                 run.flush()
-            self.call(f"ending the {run.stage} run", self.client.set_terminated, run.run_id, status)
+            self.call(f"ending the {run.stage} run", self.client.set_terminated, run.run_id, status, force=True)
 
     def close(self, status: str) -> None:
-        self.call("ending the pipeline run", self.client.set_terminated, self.parent_id, status)
+        self.call("ending the pipeline run", self.client.set_terminated, self.parent_id, status, force=True)
 
 
 def _experiment(client: Any, name: str, uri: str) -> str:
