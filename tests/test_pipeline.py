@@ -31,6 +31,7 @@ def test_run_writes_metrics_and_a_stock_hf_export(tiny_run: Path) -> None:
     assert m["method"] == "ast-boosted" and m["tokens_trained"] == 20 * 4 * 64
     assert set(m["zero_shot"]) == {"boolq", "piqa"} and all(0 <= v <= 1 for v in m["zero_shot"].values())
     assert (tiny_run / "export" / "hf" / "config.json").exists()
+    assert 0.5 < m["compressed_ratio"] <= 0.5626  # values + 2-bit positions vs dense bytes
     history = [json.loads(line) for line in (tiny_run / "train" / "history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 20 and any("flip_rate_prev" in h for h in history)
 
