@@ -39,3 +39,12 @@ test-all: setup
 
 clean:
 	rm -rf artifacts .pytest_cache
+
+# Local orchestration stack: Prefect server + work pool + deployments + worker, MLflow UI.
+# PID files and logs in .run/, Prefect state in .prefect/; `make down` stops exactly these.
+.PHONY: up down
+up: setup
+	AST_VENV_BIN=$(abspath $(BIN)) bash scripts/up.sh
+
+down:
+	bash scripts/down.sh

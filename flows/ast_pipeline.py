@@ -32,7 +32,6 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
-from tasks import pipeline
 from tasks.common import STAGES, RunContext, configure_threads
 from tasks.config import load_config
 
@@ -75,6 +74,7 @@ def _retry_condition(task_: Task, task_run: TaskRun, state: State) -> bool:
 
 
 def _run_stage(ctx: RunContext, stage: str) -> dict:
+    from tasks import pipeline  # lazy: the stage modules import transformers; `prefect deploy` need not
     return pipeline.run_stage(ctx, stage)  # looked up at call time: tests may replace it
 
 
@@ -102,7 +102,10 @@ def make_context(params: str, out: str | None = None, overrides: list[str] | Non
 
 def run_stages(ctx: RunContext, runner: StageRunner, stages: Iterable[str] = STAGES) -> dict:
     """Run ``stages`` in pipeline order; returns the last stage's result (the metrics)."""
-    order = [s for s in STAGES if s in set(stages)]
+    wanted = set(stages)
+    if wanted - set(STAGES):
+        raise ValueError(f"unknown stage(s) {sorted(wanted - set(STAGES))}; stages: {list(STAGES)}")
+    order = [s for s in STAGES if s in wanted]
     result: dict = {}
     for stage in order:
         result = runner(ctx, stage)

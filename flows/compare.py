@@ -101,10 +101,12 @@ def comparison_chart(rows: list[dict[str, Any]], path: Path) -> None:
 
     names = [r["method"] for r in rows]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    axes[0].bar(names, [r["ppl"] for r in rows], color="tab:blue")
+    ppl_bars = axes[0].bar(names, [r["ppl"] for r in rows], color="tab:blue")
+    axes[0].bar_label(ppl_bars, fmt="%.2f", fontsize=8)
     axes[0].set_title("WikiText-2 perplexity (lower is better)")
     zs = [r["zero_shot_mean"] if r["zero_shot_mean"] is not None else 0.0 for r in rows]
-    axes[1].bar(names, zs, color="tab:green")
+    zs_bars = axes[1].bar(names, zs, color="tab:green")
+    axes[1].bar_label(zs_bars, fmt="%.3f", fontsize=8)
     axes[1].set_title("zero-shot mean accuracy (higher is better)")
     for ax in axes:
         ax.tick_params(axis="x", rotation=35)

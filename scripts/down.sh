@@ -2,9 +2,12 @@
 # Stop exactly what scripts/up.sh started, by the PID files in .run/: the worker
 # first (it still reports to the server), then the MLflow UI, then the server.
 # Each was started as its own process group, so the group is signalled: that
-# reaches the server's web process and a worker's running flow runs, and nothing
-# else. SIGINT first (a Prefect worker shuts down cleanly on it; it ignores
-# SIGTERM while a flow run is in progress), then SIGTERM, SIGKILL as a last resort.
+# reaches the server's and the UI's web processes and nothing else. A process
+# worker starts each flow run in a new session of its own, so the worker's
+# direct children that lead their own group (its running flow runs) are
+# signalled too. SIGINT first (a Prefect worker shuts down cleanly on it; it
+# ignores SIGTERM while a flow run is in progress), then SIGTERM, SIGKILL as a
+# last resort.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 RUN="$(pwd)/.run"
@@ -12,16 +15,33 @@ GRACE_S="${GRACE_S:-20}"
 
 group_alive() { kill -0 -- "-$1" 2>/dev/null; }
 
-wait_group() {  # wait_group PGID SECONDS: true once no process of the group is left
-  local deadline=$((SECONDS + $2))
-  while group_alive "$1"; do
+any_alive() {  # any_alive PGID...: true while a process of any group is left
+  local g
+  for g in "$@"; do group_alive "$g" && return 0; done
+  return 1
+}
+
+signal_groups() {  # signal_groups SIG PGID...
+  local sig="$1" g
+  shift
+  for g in "$@"; do kill "-$sig" -- "-$g" 2>/dev/null; done
+}
+
+wait_groups() {  # wait_groups SECONDS PGID...: true once every group is gone
+  local deadline=$((SECONDS + $1))
+  shift
+  while any_alive "$@"; do
     [ "$SECONDS" -ge "$deadline" ] && return 1
     sleep 0.5
   done
 }
 
+own_session_children() {  # children of PID that lead their own process group (a worker's flow runs)
+  ps -eo pid=,ppid=,pgid= | awk -v p="$1" '$2 == p && $1 == $3 { print $1 }'
+}
+
 stop() {  # stop NAME MARKER
-  local name="$1" marker="$2" f="$RUN/$1.pid" pid
+  local name="$1" marker="$2" f="$RUN/$1.pid" pid groups
   [ -f "$f" ] || { echo "$name: not running (no .run/$name.pid)"; return 0; }
   pid="$(cat "$f")"
   if ! group_alive "$pid"; then
@@ -34,15 +54,17 @@ stop() {  # stop NAME MARKER
     rm -f "$f"
     return 0
   fi
-  echo "$name: stopping (process group $pid)"
-  kill -INT -- "-$pid" 2>/dev/null
-  if ! wait_group "$pid" "$GRACE_S"; then
+  # shellcheck disable=SC2207
+  groups=("$pid" $(own_session_children "$pid"))
+  echo "$name: stopping (process group(s) ${groups[*]})"
+  signal_groups INT "${groups[@]}"
+  if ! wait_groups "$GRACE_S" "${groups[@]}"; then
     echo "$name: still running after SIGINT; SIGTERM" >&2
-    kill -TERM -- "-$pid" 2>/dev/null
-    if ! wait_group "$pid" 10; then
+    signal_groups TERM "${groups[@]}"
+    if ! wait_groups 10 "${groups[@]}"; then
       echo "$name: still running after SIGTERM; SIGKILL" >&2
-      kill -KILL -- "-$pid" 2>/dev/null
-      wait_group "$pid" 5 || echo "$name: process group $pid did not exit" >&2
+      signal_groups KILL "${groups[@]}"
+      wait_groups 5 "${groups[@]}" || echo "$name: process group(s) ${groups[*]} did not exit" >&2
     fi
   fi
   rm -f "$f"
@@ -51,3 +73,4 @@ stop() {  # stop NAME MARKER
 stop worker "prefect worker start"
 stop mlflow "mlflow ui"
 stop prefect-server "prefect server start"
+rm -f "$RUN/env"  # it pointed at the stack that is now gone

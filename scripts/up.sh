@@ -5,16 +5,16 @@
 # state to .prefect/ (so nothing lands in ~/.prefect). `scripts/down.sh` stops
 # exactly these processes. Idempotent: a part that is already up is left alone.
 #
-# Environment: PREFECT_PORT (4200), MLFLOW_PORT (5000), AST_POOL (ast-local).
+# Environment: PREFECT_PORT (4200), MLFLOW_PORT (5000), AST_VENV_BIN (.venv/bin).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO="$(pwd)"
 RUN="$REPO/.run"
-PY="${PY:-$REPO/.venv/bin/python}"
-BIN="$(dirname "$PY")"
+BIN="${AST_VENV_BIN:-$REPO/.venv/bin}"   # the project's virtual environment
+PY="$BIN/python"
 PREFECT_PORT="${PREFECT_PORT:-4200}"
 MLFLOW_PORT="${MLFLOW_PORT:-5000}"
-POOL="${AST_POOL:-ast-local}"
+POOL=ast-local   # the work pool prefect.yaml deploys to
 
 export PREFECT_HOME="$REPO/.prefect"
 export PREFECT_API_URL="http://127.0.0.1:$PREFECT_PORT/api"
@@ -83,8 +83,9 @@ wait_http prefect-server "prefect server start" "$PREFECT_API_URL/health" 120
 echo "prefect-server: healthy at $PREFECT_API_URL"
 
 refuse_foreign_port mlflow "mlflow ui" "http://127.0.0.1:$MLFLOW_PORT/health"
-start mlflow "mlflow ui" \
-  "$BIN/mlflow" ui --backend-store-uri "$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port "$MLFLOW_PORT"
+# MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false: no background job runners (GenAI scoring) for a UI
+start mlflow "mlflow ui" env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
+  "$BIN/mlflow" ui --backend-store-uri "$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1
 
 "$BIN/prefect" work-pool inspect "$POOL" >/dev/null 2>&1 \
   || "$BIN/prefect" --no-prompt work-pool create "$POOL" --type process
