@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,11 +126,32 @@ class Checkpoint:
 
 def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                     extra: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
-    """Write ``root/step_{step}`` atomically and point ``root/latest`` at it."""
+    """Write ``root/step_{step}`` atomically and point ``root/latest`` at it.
+
+    A write that fails (disk full, permission denied) raises :class:`CheckpointError`
+    naming the checkpoint, the cause and the previous checkpoint, which is left intact.
+    """
     root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step_{step:06d}.", dir=root))
+    pointer = root / LATEST
+    previous = pointer.read_text().strip() if pointer.is_file() else None
+    try:
+        _write_step_dir(root, final, step, model, optimizer, extra, state)
+        atomic_write_text(pointer, final.name + "\n")
+    except (OSError, SafetensorError) as exc:
+        kept = (f"{pointer} still points to the previous checkpoint {previous}" if previous
+                else "no earlier checkpoint exists")
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise CheckpointError(f"could not write checkpoint {final}: {reason}; {kept}") from exc
+    _prune_old(root, keep, final.name)
+    return final
+
+
+def _write_step_dir(root: Path, final: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    extra: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """All files under a temporary name, fsynced, then one rename: never a torn ``step_*``."""
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
         opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
         files = {
@@ -147,22 +169,30 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
             os.fsync(fh.fileno())
         fsync_dir(tmp)
         if final.exists():
-            shutil.rmtree(final)
+            _remove_dir(final)
         os.replace(tmp, final)
         fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    atomic_write_text(root / LATEST, final.name + "\n")
-    _prune_old(root, keep, final.name)
-    return final
+
+
+def _remove_dir(path: Path) -> None:
+    """Rename aside, then delete: a kill mid-delete leaves a hidden ``.step_*`` (cleaned later),
+    never a half-deleted ``step_*`` that looks like a checkpoint."""
+    trash = path.with_name(f".{path.name}.trash-{os.getpid()}-{time.monotonic_ns()}")
+    try:
+        os.replace(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _prune_old(root: Path, keep: int, current: str) -> None:
     steps = sorted(p for p in root.glob("step_*") if p.is_dir())
     for old in steps[:-keep] if keep > 0 else []:
         if old.name != current:
-            shutil.rmtree(old, ignore_errors=True)
+            _remove_dir(old)
     for stale in root.glob(".step_*"):  # temp dirs of writes killed mid-way
         shutil.rmtree(stale, ignore_errors=True)
 
@@ -178,18 +208,28 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
+    """Read a checkpoint; a missing, truncated or corrupt file is a :class:`CheckpointError` naming it."""
     path = Path(path)
+    state_file = path / "state.json"
     try:
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        model = load_file(str(path / "model.safetensors"))
-        opt_tensors = load_file(str(path / "optim.safetensors"))
-        extra = load_file(str(path / "extra.safetensors"))
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"checkpoint {path} is incomplete: {exc.filename} missing") from None
-    except (SafetensorError, json.JSONDecodeError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is corrupt or truncated: {exc}") from None
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {state_file} missing") from None
+    except (json.JSONDecodeError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {state_file} is corrupt or truncated: {exc}") from None
+    model, opt_tensors, extra = (_load_tensors(path / name) for name in
+                                 ("model.safetensors", "optim.safetensors", "extra.safetensors"))
     optimizer = unflatten_optimizer(opt_tensors, state.pop("optimizer"))
     return Checkpoint(path, state, model, optimizer, extra)
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {file.parent} is incomplete: {file} missing") from None
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint file {file} is corrupt or truncated: {exc}") from None
 
 
 def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], origin: str) -> None:

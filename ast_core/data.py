@@ -18,15 +18,17 @@ that names the source, the split and the mirror searched; nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import itertools
 import json
 import os
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -174,8 +176,19 @@ def _open_text(path: Path):
         open(path, encoding="utf-8")
 
 
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """File-level read failures (not UTF-8, not gzip, truncated gzip) name the file, not just the codec."""
+    try:
+        yield
+    except UnicodeDecodeError as exc:
+        raise DataSourceError(f"data file {path} is not UTF-8 text ({exc.reason})") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
+        raise DataSourceError(f"data file {path} is not a valid gzip file ({exc})") from None
+
+
 def _read_text(path: Path) -> str:
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         text = fh.read()
     if not text.strip():
         raise DataSourceError(f"data file {path} is empty")
@@ -184,7 +197,7 @@ def _read_text(path: Path) -> str:
 
 def _read_jsonl(path: Path, text_field: str, max_docs: int | None) -> list[str]:
     docs: list[str] = []
-    with _open_text(path) as fh:
+    with _reading(path), _open_text(path) as fh:
         for lineno, line in enumerate(fh, start=1):
             if max_docs is not None and len(docs) >= max_docs:
                 break

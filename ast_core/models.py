@@ -15,9 +15,11 @@ carry the model as a single value):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -75,6 +77,18 @@ def resolve_spec(spec: str) -> ResolvedSpec:
     return ResolvedSpec("pretrained", spec)  # a hub id; works where the hub is reachable
 
 
+@contextlib.contextmanager
+def _no_remote_code(spec: str) -> Iterator[None]:
+    """transformers refuses custom code (``auto_map``) with a long ValueError; say which spec and which switch."""
+    try:
+        yield
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise ModelSpecError(f"model {spec} needs its own Python code (auto_map in its config), which is not run "
+                             "unless model.trust_remote_code is true; set it only for code you trust") from None
+
+
 @functools.lru_cache(maxsize=1)
 def _embedded_vocab_size() -> int:
     return len(AutoTokenizer.from_pretrained(embedded.ensure_converted()))
@@ -87,7 +101,8 @@ def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedToke
     elif r.kind == "gguf":
         tok = AutoTokenizer.from_pretrained(r.location, gguf_file=r.gguf_file)
     else:
-        tok = AutoTokenizer.from_pretrained(r.location, trust_remote_code=trust_remote_code)
+        with _no_remote_code(spec):
+            tok = AutoTokenizer.from_pretrained(r.location, trust_remote_code=trust_remote_code)
     return tok
 
 
@@ -116,8 +131,9 @@ def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
         model.hf_quantizer = None
         model.is_quantized = False
     else:
-        model = AutoModelForCausalLM.from_pretrained(r.location, dtype=dtype,
-                                                     trust_remote_code=trust_remote_code)
+        with _no_remote_code(spec):
+            model = AutoModelForCausalLM.from_pretrained(r.location, dtype=dtype,
+                                                         trust_remote_code=trust_remote_code)
     model.eval()
     return model
 
