@@ -231,7 +231,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
                     loss = loss + cfg.squarehead_weight * sq
                     sq_sum += float(sq.detach())
             if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {float(loss)} at step {step}; last good checkpoint: "
+                raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step + 1}; last good checkpoint: "
                                        f"{last_good or 'none (nothing was written)'}")
             (loss / cfg.grad_accum).backward()
             ce_sum += float(ce.detach())
@@ -241,7 +241,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
 
         grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
         if not math.isfinite(grad_norm):
-            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step}; last good checkpoint: "
+            raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}; last good checkpoint: "
                                    f"{last_good or 'none (nothing was written)'}")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

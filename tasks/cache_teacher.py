@@ -7,7 +7,7 @@ disabled (then training runs the teacher online).
 from __future__ import annotations
 
 from ast_core.models import check_same_tokenizer, load_model, load_tokenizer, tokenizer_fingerprint
-from ast_core.teacher_cache import TeacherCache, build_cache, fingerprint, weights_hash
+from ast_core.teacher_cache import TeacherCache, build_cache, weights_hash
 
 from .common import RunContext, log, torch_dtype
 from .prepare import load_blocks
@@ -31,11 +31,10 @@ def load_teacher(ctx: RunContext):
 
 
 def expected_fingerprint(ctx: RunContext, teacher) -> dict:
+    from .train import fingerprint_for
     c, manifest = ctx.cfg, ctx.require("prepare")["manifest"]
     tok = load_tokenizer(teacher_spec(ctx), c.model.trust_remote_code)
-    return fingerprint(teacher=weights_hash(teacher), tokenizer=tokenizer_fingerprint(tok), data=manifest["hash"],
-                       seq_len=c.data.seq_len, fmt=c.teacher_cache.format, k=c.teacher_cache.k,
-                       samples=c.teacher_cache.samples, temperature=c.train.temperature, seed=c.seed)
+    return fingerprint_for(weights_hash(teacher), tokenizer_fingerprint(tok), manifest["hash"], c)
 
 
 def run(ctx: RunContext) -> dict:

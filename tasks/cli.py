@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
     from ast_core.checkpoint import CheckpointError
+    from ast_core.compressed import CompressionError
+    from ast_core.export import ExportError
     from ast_core.data import DataSourceError
     from ast_core.models import ModelSpecError
     from ast_core.slorb import SLoRBError
@@ -54,7 +56,7 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from .common import StageError
     from .config import ConfigError
     return (ConfigError, StageError, ModelSpecError, DataSourceError, SparsityError, CacheMismatch,
-            CheckpointError, TrainingDiverged, SLoRBError, FileNotFoundError, PermissionError, OSError)
+            CheckpointError, TrainingDiverged, SLoRBError, ExportError, CompressionError, FileNotFoundError, PermissionError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -75,7 +75,8 @@ class RunContext:
         mine = {"name": self.cfg.name, "config_hash": hash_json(self.cfg.model_dump(mode="json"))}
         if marker.exists():
             theirs = json.loads(marker.read_text())
-            if theirs.get("config_hash") != mine["config_hash"]:
+            started = any(self.done(stage) for stage in STAGES)
+            if theirs.get("config_hash") != mine["config_hash"] and started:
                 raise StageError(
                     f"{self.out} holds artifacts of a different run (name {theirs.get('name')!r}, config "
                     f"{theirs.get('config_hash')}, this run {mine['config_hash']}); choose another --out or "

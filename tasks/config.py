@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,7 +29,7 @@ class ConfigError(ValueError):
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ModelConfig(_Section):
@@ -187,6 +188,20 @@ class PipelineConfig(_Section):
         return out
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``2e-4`` as a float (YAML 1.2), not the string YAML 1.1 makes of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+
+
 def _format_error(err: ValidationError, origin: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"] if p != "__root__")
@@ -207,9 +222,9 @@ def _apply_override(data: dict, dotted: str) -> None:
         raise ConfigError(f"--set expects section.key=value, got {dotted!r}")
     key, raw = dotted.split("=", 1)
     try:
-        value = yaml.safe_load(raw)
+        value = _yaml(raw)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--set {key}: value is not valid YAML ({exc})") from None
+        raise ConfigError(f"--set {key}: value is not valid YAML ({str(exc).splitlines()[0]})") from None
     node = data
     parts = key.strip().split(".")
     for part in parts[:-1]:
@@ -238,9 +253,11 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not p.is_file():
         raise ConfigError(f"params file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = _yaml(p.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ConfigError(f"{p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{p}: not a text file") from None
+    if data is None:
+        raise ConfigError(f"{p}: the params file is empty")
     return parse_config(data, str(p), overrides)

@@ -35,6 +35,7 @@ def fingerprint(ctx: RunContext) -> str:
     return hash_json({"prepare": ctx.require("prepare")["fingerprint"],
                       "cache": (ctx.done("cache-teacher") or {}).get("fingerprint"),
                       "model": c.model.model_dump(mode="json"), "sparsity": c.sparsity.model_dump(mode="json"),
+                      "teacher_cache": c.teacher_cache.model_dump(mode="json"),
                       "train": c.train.model_dump(mode="json"), "seed": c.seed})
 
 
@@ -88,9 +89,7 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         teacher = None
         if c.train.uses_kd:
             if cache_teacher.needed(ctx):
-                done = ctx.require("cache-teacher")
-                teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache",
-                                                     done["fingerprint_fields"]))
+                teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache", _wanted_cache(ctx)))
             else:
                 teacher = OnlineTeacher(cache_teacher.load_teacher(ctx), want_hidden=c.train.squarehead)
         result = train(model, load_blocks(ctx, "train"), c.train, seed=c.seed, teacher=teacher,
@@ -118,6 +117,27 @@ def write_plot_tables(out: Path, history: list[dict]) -> None:
     atomic_write_text(out / "history.csv", "step,loss,ce,kl,lr,lam,train_ppl\n" + "".join(rows))
     flips = [f"{h['step']},{h['flip_rate_prev']},{h['flip_rate_init']}\n" for h in history if "flip_rate_prev" in h]
     atomic_write_text(out / "flips.csv", "step,flip_rate_prev,flip_rate_init\n" + "".join(flips))
+
+
+def _wanted_cache(ctx: RunContext) -> dict:
+    """The cache this config asks for: the stored teacher/tokenizer/data identity, the config's settings.
+
+    A cache built with other settings (k, format, temperature, ...) is refused
+    with what differs, instead of silently training on the wrong targets.
+    """
+    c, done = ctx.cfg, ctx.require("cache-teacher")
+    have = done.get("fingerprint_fields")
+    if not have:
+        raise StageError("the teacher cache stage was skipped for this run directory; re-run "
+                         "ast-pipeline stage cache-teacher")
+    return fingerprint_for(have["teacher"], have["tokenizer"], ctx.require("prepare")["manifest"]["hash"], c)
+
+
+def fingerprint_for(teacher: str, tokenizer: str, data: str, c) -> dict:
+    from ast_core.teacher_cache import fingerprint as cache_fingerprint
+    return cache_fingerprint(teacher=teacher, tokenizer=tokenizer, data=data, seq_len=c.data.seq_len,
+                             fmt=c.teacher_cache.format, k=c.teacher_cache.k, samples=c.teacher_cache.samples,
+                             temperature=c.train.temperature, seed=c.seed)
 
 
 def save_final(ctx: RunContext, model: torch.nn.Module, info: dict) -> None:

@@ -90,10 +90,6 @@ def _truncate_cache_shard(run: Path) -> None:
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
 
 
-def _xfail(reason: str) -> pytest.MarkDecorator:
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 RUN = "run --no-progress --params {tiny} --out {out} --set "
 FAILS_IN_PREPARE = dict(out_may_hold=("run.json",))
 
@@ -106,11 +102,8 @@ CASES = [
     pytest.param(Case(RUN + "evaluate.zero_shot.limt=3", ("unknown key 'evaluate.zero_shot.limt'",)),
                  id="cfg-unknown-deeply-nested-key"),
     pytest.param(Case(RUN + "train.steps=abc", ("train.steps", "integer", "'abc'")), id="cfg-string-for-int"),
-    pytest.param(Case(RUN + "train.steps=1.5", ("train.steps", "fractional")), id="cfg-fraction-for-int"),
-    pytest.param(Case(RUN + "train.steps=true", ("'train.steps'", "valid integer")), id="cfg-bool-for-int",
-                 marks=_xfail("tasks/config.py: pydantic lax mode turns YAML true into steps=1, so the user gets "
-                              "an unrelated 'train.warmup_steps must be <= train.steps' error; fix: "
-                              "ConfigDict(strict=True) on _Section or StrictInt fields (YAML gives exact types)")),
+    pytest.param(Case(RUN + "train.steps=1.5", ("train.steps", "valid integer", "1.5")), id="cfg-fraction-for-int"),
+    pytest.param(Case(RUN + "train.steps=true", ("'train.steps'", "valid integer")), id="cfg-bool-for-int"),
     pytest.param(Case(RUN + "model.trust_remote_code=maybe", ("model.trust_remote_code", "boolean")),
                  id="cfg-string-for-bool"),
     pytest.param(Case("run --params {inp}/trainlist.yaml --out {out}", ("trainlist.yaml", "'train'", "dictionary")),
@@ -136,18 +129,13 @@ CASES = [
     pytest.param(Case(RUN + "train.steps.x=1", ("train.steps.x", "not a section")), id="cfg-set-into-a-scalar"),
     pytest.param(Case("run --params {tiny} --out {out} --set train.steps", ("--set", "train.steps")),
                  id="cfg-set-without-value"),
-    pytest.param(Case(RUN + "train.steps=[", ("--set train.steps", "not valid YAML")), id="cfg-set-bad-yaml",
-                 marks=_xfail("tasks/config.py _apply_override puts the whole multi-line yaml.YAMLError into the "
-                              "message; fix: str(exc).splitlines()[0] as load_config already does")),
+    pytest.param(Case(RUN + "train.steps=[", ("--set train.steps", "not valid YAML")), id="cfg-set-bad-yaml"),
     # --- the params file itself
     pytest.param(Case("run --params {inp}/notyaml.yaml --out {out}", ("notyaml.yaml", "not valid YAML")),
                  id="params-not-yaml"),
     pytest.param(Case("run --params {inp}/list.yaml --out {out}", ("list.yaml", "mapping", "list")),
                  id="params-yaml-list"),
-    pytest.param(Case("run --params {inp}/empty.yaml --out {out}", ("empty.yaml", "is empty")), id="params-empty",
-                 marks=_xfail("tasks/config.py parse_config says 'expected a mapping ..., got NoneType' for an "
-                              "empty file; fix: in load_config, `if data is None: raise ConfigError(f'{p}: the "
-                              "params file is empty')`")),
+    pytest.param(Case("run --params {inp}/empty.yaml --out {out}", ("empty.yaml", "is empty")), id="params-empty"),
     pytest.param(Case("run --params {inp}/missing.yaml --out {out}", ("missing.yaml", "not found")),
                  id="params-missing"),
     pytest.param(Case("run --params {inp}/binary.yaml --out {out}", ("binary.yaml", "not a text file")),
@@ -186,10 +174,7 @@ CASES = [
     # --- output location
     pytest.param(Case("run --no-progress --params {tiny} --out {inp}/a_file", ("a_file", "File exists"),
                       keep="{inp}/a_file"), id="out-is-an-existing-file"),
-    pytest.param(Case("verify {inp}/no_config", ("no_config", "no safetensors checkpoint")), id="verify-not-an-export",
-                 marks=_xfail("tasks/cli.py _expected_errors lacks ast_core.export.ExportError (and "
-                              "ast_core.compressed.CompressionError), so `verify` on a non-export dir prints a "
-                              "traceback; fix: add both to the tuple, as flows/ast_pipeline.py does")),
+    pytest.param(Case("verify {inp}/no_config", ("no_config", "no safetensors checkpoint")), id="verify-not-an-export"),
     # --- models that load but cannot be used (need saved model dirs and the trained run copy)
     pytest.param(Case("stage cache-teacher {small} --params {tiny} --out {run} "
                       "--set model.teacher={models}/extra_token", ("tokenizers differ", "49153 vs 49152"),
@@ -224,14 +209,7 @@ CASES = [
     pytest.param(Case("stage train {small} --params {tiny} --out {run} --set teacher_cache.k=8",
                       ("teacher cache", "16", "8"), keep="{run}"),
                  id="artifact-teacher-cache-built-for-other-k",
-                 marks=SLOW + [_xfail(
-                     "tasks/train.py neither includes teacher_cache in its fingerprint nor compares the cache's "
-                     "fingerprint_fields with the config: `stage train` with a changed teacher_cache.k says 'up to "
-                     "date' (exit 0), and after a train change it trains on the stale k=16 cache; fix: in "
-                     "tasks/train.py run(), when cache_teacher.needed(ctx), compare format/k/samples/seed/"
-                     "temperature/seq_len of ctx.done('cache-teacher')['fingerprint_fields'] with the config and "
-                     "raise CacheMismatch(describe_mismatch(...) + '; re-run `ast-pipeline stage cache-teacher`') "
-                     "before the is_done check, and add c.teacher_cache to fingerprint()")]),
+                 marks=SLOW),
 ]
 
 
@@ -375,10 +353,6 @@ def test_bad_input_fails_with_one_clear_message_and_damages_nothing(
 
 # ----------------------------------------------------------------------------- around the CLI
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tasks/common.py RunContext.claim writes run.json before any stage runs, so a `run` that fails in prepare "
-    "(a typo in data.source) claims --out and the corrected run is refused as 'a different run'; fix: in claim(), "
-    "when the marker's config differs but no stage has a done.json, overwrite the marker instead of refusing"))
 def test_a_run_that_failed_before_any_stage_does_not_lock_its_out_dir(tmp_path: Path, capsys) -> None:
     out = tmp_path / "out"
     assert main(["run", "--no-progress", "--params", str(TINY), "--out", str(out),

@@ -60,3 +60,10 @@ def test_not_yaml_and_missing_file(tmp_path: Path) -> None:
 
 def test_default_t0_is_a_quarter_of_the_steps() -> None:
     assert parse_config({"name": "x", "train": {"steps": 400}}).train.t0 == 100
+
+
+def test_exponent_floats_read_as_numbers_and_bools_are_not_ints() -> None:
+    cfg = parse_config({"name": "x"}, overrides=["train.lr=2e-4", "train.lambda_max=1e-3"])
+    assert cfg.train.lr == 2e-4 and cfg.train.lambda_max == 1e-3
+    with pytest.raises(ConfigError, match="train.steps"):
+        parse_config({"name": "x", "train": {"steps": True}})

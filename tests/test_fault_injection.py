@@ -348,9 +348,6 @@ def test_nan_gradient_with_finite_loss_stops_before_the_optimizer_step(tmp_path:
     assert latest_checkpoint(tmp_path).name == "step_000002"
 
 
-@pytest.mark.xfail(strict=True, reason="ast_core/train.py numbers the diverged step 0-based ('at step 3' for the "
-                   "4th step) while history.jsonl, StepLog and checkpoint names count steps done (1-based); "
-                   "fix: report step + 1 in both TrainingDiverged messages")
 def test_divergence_message_numbers_steps_like_the_history(tmp_path: Path, blocks, teacher) -> None:
     model, on_step = _poison_weights_after(3)  # steps 1..3 logged fine, step 4 diverges
     with pytest.raises(TrainingDiverged, match=r"at step 4;"):

@@ -81,7 +81,7 @@ def test_nan_loss_stops_and_names_the_last_checkpoint(tmp_path: Path, blocks, te
             out = real.kl(*a)
             return out * float("nan") if calls["n"] == 4 else out
 
-    with pytest.raises(TrainingDiverged, match=r"step 3.*step_000002"):
+    with pytest.raises(TrainingDiverged, match=r"step 4.*step_000002"):
         train(model, blocks, cfg, seed=0, teacher=PoisonedTeacher(), checkpoint_dir=tmp_path, progress=False)
     assert latest_checkpoint(tmp_path).name == "step_000002"
 
