@@ -43,7 +43,7 @@ import time
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .common import REPO_ROOT, RunContext, hash_json
 from .config import PipelineConfig
@@ -201,6 +201,22 @@ def _done_stamp(ctx: RunContext, stage: str) -> int | None:
     return p.stat().st_mtime_ns if p.exists() else None
 
 
+
+@contextmanager
+def _finish_with_status(finish: Callable[[str], None]) -> Iterator[None]:
+    """Call ``finish`` with the MLflow run status the block ended in (FINISHED, KILLED, FAILED)."""
+    status = "FINISHED"
+    try:
+        yield
+    except KeyboardInterrupt:
+        status = "KILLED"
+        raise
+    except BaseException:
+        status = "FAILED"
+        raise
+    finally:
+        finish(status)
+
 class StageRun:
     """What a stage reports to while it runs. This base tracks nothing (tracking off or broken)."""
 
@@ -235,17 +251,8 @@ class Tracker:
     @contextmanager
     def stage(self, stage: str) -> Iterator[StageRun]:
         run = self._stage_run(stage)
-        status = "FINISHED"
-        try:
+        with _finish_with_status(lambda status: self._end_stage(run, status)):
             yield run
-        except KeyboardInterrupt:
-            status = "KILLED"
-            raise
-        except BaseException:
-            status = "FAILED"
-            raise
-        finally:
-            self._end_stage(run, status)
 
     def _end_stage(self, run: StageRun, status: str) -> None:
         pass
@@ -459,14 +466,5 @@ def pipeline_run(ctx: RunContext, *, reuse: bool, params_file: str | None = None
         except Exception as exc:  # noqa: BLE001 - tracking must never lose work
             log.warning("tracking: MLflow unavailable at %s (%s: %s); running untracked "
                         "(set %s=off to silence this)", tracking_uri(), type(exc).__name__, exc, ENV_SWITCH)
-    status = "FINISHED"
-    try:
+    with _finish_with_status(tracker.close):
         yield tracker
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
-        raise
-    finally:
-        tracker.close(status)
