@@ -153,32 +153,57 @@ def compare_outputs(dense_masked_model: nn.Module, sparse_model: nn.Module,
             "max_rel": float(diff.max() / a.abs().max().clamp_min(1e-30))}
 
 
-def _time_ms(fn, iters: int, inner: int, warmup: int) -> float:  # type: ignore[no-untyped-def]
-    """Median over ``iters`` samples of (CUDA-event time of ``inner`` calls) / inner."""
+def _time_ms(fn, iters: int, inner: int, warmup: int, graph: bool = False) -> float:  # type: ignore[no-untyped-def]
+    """Median over ``iters`` samples of (CUDA-event time of ``inner`` calls) / inner.
+
+    ``graph=True`` captures the ``inner`` calls once in a CUDA graph and times
+    its replay: the kernels alone, without the per-call host work (dispatch,
+    cuSPARSELt plan set-up) that eager timing includes. A served model replays
+    graphs, so both numbers matter.
+    """
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    calls = [fn] * inner
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                fn()
+        calls = [g.replay]
+        g.replay()
+        torch.cuda.synchronize()
     samples = []
     for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        for _ in range(inner):
-            fn()
+        for call in calls:
+            call()
         end.record()
         end.synchronize()
         samples.append(start.elapsed_time(end) / inner)
     return statistics.median(samples)
 
 
+def _graph_ms(fn, iters: int, inner: int, warmup: int) -> float | None:  # type: ignore[no-untyped-def]
+    """:func:`_time_ms` with ``graph=True``, or ``None`` when the call cannot be captured."""
+    try:
+        return _time_ms(fn, iters, inner, warmup, graph=True)
+    except RuntimeError:
+        torch.cuda.synchronize()
+        return None
+
+
 def speed_table(shapes: list[tuple[int, int]], tokens: list[int], dtype: torch.dtype = torch.bfloat16,
                 iters: int = 50, inner: int = 10, warmup: int = 10, backend: str | None = None,
-                seed: int = 0) -> list[dict]:
+                seed: int = 0, graphs: bool = False) -> list[dict]:
     """Time dense ``F.linear`` against the 2:4 semi-structured kernel per (out, in) × tokens.
 
     The weight is random, pruned 2:4 by magnitude; dense runs on ``W ⊙ m`` so
     both compute the same product. Each row also checks the sparse result
     against the dense one (``rel_err`` = max|Δ| / max|dense|; ``ok`` when
-    below 1e-2, bf16 round-off with fp32 accumulation in both).
+    below 1e-2, bf16 round-off with fp32 accumulation in both). ``graphs``
+    adds CUDA-graph replay times (``*_graph_ms``; ``None`` where capture fails).
     """
     require_cuda()
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -194,26 +219,41 @@ def speed_table(shapes: list[tuple[int, int]], tokens: list[int], dtype: torch.d
                 ref, got = F.linear(x, w), F.linear(x, ws)
                 dense_ms = _time_ms(lambda: F.linear(x, w), iters, inner, warmup)
                 sparse_ms = _time_ms(lambda: F.linear(x, ws), iters, inner, warmup)
+                dense_g = _graph_ms(lambda: F.linear(x, w), iters, inner, warmup) if graphs else None
+                sparse_g = _graph_ms(lambda: F.linear(x, ws), iters, inner, warmup) if graphs else None
             err = float((ref.float() - got.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
             flops = 2.0 * t * out_f * in_f
             rows.append({"out": out_f, "in": in_f, "tokens": t, "dtype": str(dtype).removeprefix("torch."),
                          "backend": name, "dense_ms": dense_ms, "sparse_ms": sparse_ms,
                          "speedup": dense_ms / sparse_ms, "dense_tflops": flops / dense_ms / 1e9,
+                         "dense_graph_ms": dense_g, "sparse_graph_ms": sparse_g,
+                         "graph_speedup": dense_g / sparse_g if dense_g and sparse_g else None,
                          "rel_err": err, "ok": err < 1e-2})
     return rows
 
 
 def speed_table_markdown(rows: list[dict]) -> str:
     """A markdown table of :func:`speed_table` rows; speed-ups below 1 are marked as slower."""
-    head = ("| out × in | tokens | dense ms | 2:4 ms | speed-up | rel err |\n"
-            "|---|---:|---:|---:|---:|---:|")
-    lines = [head]
-    for r in rows:
-        flag = "" if r["speedup"] >= 1 else " (slower)"
-        lines.append(f"| {r['out']} × {r['in']} | {r['tokens']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | "
-                     f"{r['speedup']:.2f}×{flag} | {r['rel_err']:.1e}{'' if r['ok'] else ' FAIL'} |")
-    return "\n".join(lines) + "\n"
+    graphs = any(r.get("graph_speedup") is not None for r in rows)
+    head = "| out × in | tokens | dense ms | 2:4 ms | speed-up |"
+    rule = "|---|---:|---:|---:|---:|"
+    if graphs:
+        head += " dense ms (graph) | 2:4 ms (graph) | speed-up (graph) |"
+        rule += "---:|---:|---:|"
+    lines = [head + " rel err |", rule + "---:|"]
 
+    def _x(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.2f}×" + ("" if v >= 1 else " (slower)")
+
+    for r in rows:
+        line = f"| {r['out']} × {r['in']} | {r['tokens']} | {r['dense_ms']:.4f} | {r['sparse_ms']:.4f} | " \
+               f"{_x(r['speedup'])} |"
+        if graphs:
+            dg, sg = r.get("dense_graph_ms"), r.get("sparse_graph_ms")
+            line += f" {'n/a' if dg is None else f'{dg:.4f}'} | {'n/a' if sg is None else f'{sg:.4f}'} | " \
+                    f"{_x(r.get('graph_speedup'))} |"
+        lines.append(line + f" {r['rel_err']:.1e}{'' if r['ok'] else ' FAIL'} |")
+    return "\n".join(lines) + "\n"
 
 
 def kernel_report(model: nn.Module, tokens: list[int], out_dir: str | Path, dtype: torch.dtype = torch.bfloat16,

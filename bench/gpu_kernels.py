@@ -65,20 +65,15 @@ def _load(spec: str, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
     return model, f"random LLaMA with SmolLM2-135M dimensions ({spec!r} not loaded: {why})"
 
 
-def _forward_ms(model: torch.nn.Module, ids: torch.Tensor, iters: int) -> float:
+def _forward_ms(model: torch.nn.Module, ids: torch.Tensor, iters: int, graph: bool = False) -> float | None:
+    """Median CUDA-event time of one forward; ``graph`` replays a captured CUDA graph (None if capture fails)."""
+    from ast_core.kernels import _graph_ms, _time_ms
+
+    def fwd() -> None:
+        model(ids, use_cache=False)
+
     with torch.no_grad():
-        for _ in range(3):
-            model(ids, use_cache=False)
-        torch.cuda.synchronize()
-        samples = []
-        for _ in range(iters):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            model(ids, use_cache=False)
-            end.record()
-            end.synchronize()
-            samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
+        return _graph_ms(fwd, iters, 1, 3) if graph else _time_ms(fwd, iters, 1, 3)
 
 
 def end_to_end(spec: str, iters: int) -> dict:
@@ -103,8 +98,10 @@ def end_to_end(spec: str, iters: int) -> dict:
     for batch, seq in E2E_BATCHES:
         x = torch.randint(0, vocab, (batch, seq), device="cuda", generator=gen)
         d, s = _forward_ms(dense, x, iters), _forward_ms(sparse, x, iters)
+        dg, sg = _forward_ms(dense, x, iters, graph=True), _forward_ms(sparse, x, iters, graph=True)
         rows.append({"batch": batch, "seq_len": seq, "tokens": batch * seq, "dense_ms": d, "sparse_ms": s,
-                     "speedup": d / s})
+                     "speedup": d / s, "dense_graph_ms": dg, "sparse_graph_ms": sg,
+                     "graph_speedup": dg / sg if dg and sg else None})
     return {"model": what, "converted_layers": len(conv["converted"]), "skipped_layers": conv["skipped"],
             "logit_diff": diff, "rows": rows}
 
@@ -115,13 +112,23 @@ def _markdown(result: dict) -> str:
              f"torch {result['torch']}, backend {result['backend']}, bf16, CUDA-event medians "
              f"of {result['iters']} runs.", "",
              "## Linear layers (out × in, tokens = rows of x)", "", speed_table_markdown(result["kernels"]),
+             *([f"## Other backend ({result['other_backends'][0]['backend']}), LLaMA-7B shapes", "",
+                speed_table_markdown(result["other_backends"])] if result.get("other_backends") else []),
+             "Eager times include the per-call host work (dispatch, cuSPARSELt plan set-up); graph times "
+             "replay a captured CUDA graph, the kernels alone.", "",
              "## End-to-end forward", "", f"Model: {e2e['model']}; {e2e['converted_layers']} layers on 2:4 "
              f"kernels; logits vs dense-with-zeros: max abs {e2e['logit_diff']['max_abs']:.3g}, "
              f"max rel {e2e['logit_diff']['max_rel']:.3g}.", "",
-             "| batch × seq | dense ms | 2:4 ms | speed-up |", "|---|---:|---:|---:|"]
+             "| batch × seq | dense ms | 2:4 ms | speed-up | dense ms (graph) | 2:4 ms (graph) | speed-up (graph) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+
+    def _f(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
     for r in e2e["rows"]:
         lines.append(f"| {r['batch']} × {r['seq_len']} | {r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | "
-                     f"{r['speedup']:.2f}× |")
+                     f"{r['speedup']:.2f}× | {_f(r.get('dense_graph_ms'), '.3f')} | "
+                     f"{_f(r.get('sparse_graph_ms'), '.3f')} | {_f(r.get('graph_speedup'), '.2f')}× |")
     return "\n".join(lines) + "\n"
 
 
@@ -137,11 +144,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no CUDA: skipped\n  {reason}")
         return 0
     t0 = time.time()
-    kernels = speed_table(LLAMA7B_SHAPES + SMOLLM2_SHAPES, args.tokens, torch.bfloat16, iters=args.iters)
+    kernels = speed_table(LLAMA7B_SHAPES + SMOLLM2_SHAPES, args.tokens, torch.bfloat16, iters=args.iters,
+                          graphs=True)
     print(speed_table_markdown(kernels))
+    others = [b for b in ("cusparselt", "cutlass") if b != default_backend()]
+    other_rows = []
+    for name in others:  # the other backend on the LLaMA-7B shapes, to pick the faster one
+        try:
+            other_rows += speed_table(LLAMA7B_SHAPES, args.tokens, torch.bfloat16, iters=args.iters,
+                                      backend=name, graphs=True)
+        except (RuntimeError, NotImplementedError) as err:
+            print(f"backend {name} unavailable: {err}")
     e2e = end_to_end(args.model, max(10, args.iters // 2))
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-              "backend": default_backend(), "iters": args.iters, "kernels": kernels, "end_to_end": e2e,
+              "backend": default_backend(), "iters": args.iters, "kernels": kernels, "other_backends": other_rows,
+              "end_to_end": e2e,
               "wall_s": time.time() - t0}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

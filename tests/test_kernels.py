@@ -120,8 +120,9 @@ def test_semi_structured_model_matches_dense_masked_model_on_gpu() -> None:
 
 @needs_cuda
 def test_speed_table_rows_are_checked_against_dense_on_gpu() -> None:
-    rows = speed_table([(256, 256)], [16, 256], iters=5, inner=2, warmup=2)
+    rows = speed_table([(256, 256)], [16, 256], iters=5, inner=2, warmup=2, graphs=True)
     assert len(rows) == 2 and all(r["ok"] and r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in rows)
+    assert all(r["dense_graph_ms"] > 0 for r in rows)  # dense F.linear always captures
     assert all(r["backend"] == kernels.default_backend() for r in rows)
 
 
