@@ -8,7 +8,9 @@ One step (DESIGN.md §1):
    from the cache (or an online teacher);
 4. backward, clip, AST-AdamW step (decay λ(t)·(1−m)⊙W enters the second moment);
 5. every Δt steps recompute the masks by magnitude and log the flip rates;
-6. every N steps an atomic, resumable checkpoint.
+6. every N steps an atomic, resumable checkpoint;
+7. every ``eval_every`` steps (when validation blocks are given) the mean
+   next-token loss on that fixed slice, for perplexity-vs-tokens curves.
 
 Methods: ``naive`` = fixed mask, CE only, λ=0; ``ast-naive`` = adaptive mask +
 decay + KD; ``ast-boosted`` = ast-naive + SLoRB (attached by the caller).
@@ -63,6 +65,7 @@ class LoopConfig(Protocol):
     squarehead_weight: float
     checkpoint_every: int
     log_every: int
+    eval_every: int
     uses_kd: bool
     adaptive: bool
 
@@ -139,6 +142,8 @@ class StepLog:
     flip_rate_init: float | None = None
     pruned_kept_ratio: float | None = None
     squarehead: float | None = None
+    val_loss: float | None = None
+    val_ppl: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         return {k: v for k, v in self.__dict__.items() if v is not None}
@@ -159,6 +164,26 @@ def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
                            input_ids[:, 1:].reshape(-1))
 
 
+@torch.no_grad()
+def validation_loss(model: torch.nn.Module, blocks: np.ndarray, batch_size: int = 8) -> float:
+    """Mean next-token CE over fixed validation blocks (every token weighted alike).
+
+    Runs in eval mode and restores the previous mode; it draws no random
+    numbers, so a run with validation stays bitwise equal to one without.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(blocks), batch_size):
+        ids = torch.from_numpy(blocks[i:i + batch_size].astype(np.int64))
+        logits = model(ids).logits
+        n = ids[:, 1:].numel()
+        total += float(causal_ce(logits, ids)) * n
+        count += n
+    model.train(was_training)
+    return total / max(count, 1)
+
+
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> ASTAdamW:
     masks = masks_for(model) if cfg.adaptive else None
     return ASTAdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
@@ -173,8 +198,12 @@ def make_schedule(cfg: LoopConfig) -> ASTSchedule:
 def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed: int,
           teacher: TeacherSource | None, checkpoint_dir: Path, resume: bool = False,
           on_step: Callable[[StepLog], None] | None = None, progress: bool = True,
-          stop_after: int | None = None) -> TrainResult:
+          stop_after: int | None = None, val_blocks: np.ndarray | None = None) -> TrainResult:
     """Train ``student`` (already sparsified, masks initialised) on ``blocks`` [N, L].
+
+    ``val_blocks`` with ``cfg.eval_every > 0``: validation loss/perplexity at
+    step 0 (the starting point of the curve), every ``eval_every`` steps and at
+    the last step, recorded in the history.
 
     ``stop_after`` ends the call early after that many steps of this call (used
     to simulate an interruption); the checkpoint logic is the same as a crash.
@@ -205,6 +234,12 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         extra.update(rng_state())
         return save_checkpoint(checkpoint_dir, step, student, optimizer, extra,
                                {"tokens": tokens, "method": cfg.method, "history": history})
+
+    eval_every = getattr(cfg, "eval_every", 0)
+    validate = val_blocks is not None and len(val_blocks) > 0 and eval_every > 0
+    if validate and start == 0:
+        v = validation_loss(student, val_blocks)  # the curve's starting point: no training step, no loss
+        history.append({"step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 700.0))})
 
     last_good = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
     last_flip: FlipStats | None = None
@@ -250,7 +285,10 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         if cfg.adaptive and (step + 1) % cfg.refresh_every == 0:
             flip = last_flip = refresh_masks(student, initial_masks)
 
-        elapsed = time.perf_counter() - t_start
+        elapsed = time.perf_counter() - t_start  # the step itself; validation is not training time
+        val = None
+        if validate and ((step + 1) % eval_every == 0 or step + 1 == cfg.steps):
+            val = validation_loss(student, val_blocks)
         n_tok = cfg.grad_accum * cfg.batch_size * blocks.shape[1]
         log = StepLog(step=step + 1, loss=loss_sum / cfg.grad_accum, ce=ce_sum / cfg.grad_accum,
                       kl=kl_sum / cfg.grad_accum, lr=lr, lam=lam, grad_norm=grad_norm, tokens=tokens,
@@ -258,8 +296,9 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
                       flip_rate_prev=flip.rate_prev if flip else None,
                       flip_rate_init=flip.rate_init if flip else None,
                       pruned_kept_ratio=pruned_kept_ratio(student) if flip else None,
-                      squarehead=sq_sum / cfg.grad_accum if cfg.squarehead else None)
-        if (step + 1) % cfg.log_every == 0 or flip is not None or step + 1 == cfg.steps:
+                      squarehead=sq_sum / cfg.grad_accum if cfg.squarehead else None,
+                      val_loss=val, val_ppl=math.exp(min(val, 700.0)) if val is not None else None)
+        if (step + 1) % cfg.log_every == 0 or flip is not None or val is not None or step + 1 == cfg.steps:
             history.append(log.as_dict())
             if on_step:
                 on_step(log)

@@ -15,6 +15,7 @@ from typing import Any
 
 TRAIN_PLOTS = ("train_loss.png", "train_flip_rate.png", "train_schedule.png")
 EVAL_PLOTS = ("ppl.png",)
+VAL_PLOT = "train_val_ppl.png"  # written only when training ran validation (train.eval_every)
 
 
 def read_history(path: Path) -> list[dict[str, float]]:
@@ -103,6 +104,15 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
     ax2.plot(xs, lr, color="tab:blue", label="lr")
     ax2.set_ylabel("lr", color="tab:blue")
     written.append(_save(fig, out_dir / TRAIN_PLOTS[2]))
+
+    xs, ys = _series(history, "val_ppl")
+    if xs:  # only with train.eval_every
+        fig, ax = _figure("validation perplexity vs training step (fixed held-out blocks)")
+        ax.plot(xs, ys, marker="o", color="tab:purple")
+        ax.set_xlabel("step")
+        ax.set_ylabel("perplexity")
+        ax.set_yscale("log")
+        written.append(_save(fig, out_dir / VAL_PLOT))
     return written
 
 

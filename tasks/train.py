@@ -92,9 +92,10 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
                 teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache", _wanted_cache(ctx)))
             else:
                 teacher = OnlineTeacher(cache_teacher.load_teacher(ctx), want_hidden=c.train.squarehead)
+        val = load_blocks(ctx, "val") if c.train.eval_every > 0 else None
         result = train(model, load_blocks(ctx, "train"), c.train, seed=c.seed, teacher=teacher,
                        checkpoint_dir=ckpt_dir, resume=resuming, on_step=on_step, progress=ctx.progress,
-                       stop_after=stop_after)
+                       stop_after=stop_after, val_blocks=val)
         if result.steps < c.train.steps:
             raise StageError(f"training stopped at step {result.steps} of {c.train.steps}; "
                              "continue with --resume")
@@ -110,13 +111,17 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
 
 def write_plot_tables(out: Path, history: list[dict]) -> None:
     """CSV views of ``history.jsonl`` for ``dvc plots`` (DVC reads CSV/JSON, not JSON lines):
-    ``history.csv`` every logged step, ``flips.csv`` the mask-refresh steps only."""
+    ``history.csv`` every logged step, ``flips.csv`` the mask-refresh steps only, ``val.csv``
+    the validation perplexity vs tokens (only with ``train.eval_every``)."""
     from math import exp
     rows = [f"{h['step']},{h['loss']},{h['ce']},{h['kl']},{h['lr']},{h['lam']},{exp(min(h['ce'], 700.0))}\n"
-            for h in history]
+            for h in history if "loss" in h]  # step 0 holds only the starting validation loss
     atomic_write_text(out / "history.csv", "step,loss,ce,kl,lr,lam,train_ppl\n" + "".join(rows))
     flips = [f"{h['step']},{h['flip_rate_prev']},{h['flip_rate_init']}\n" for h in history if "flip_rate_prev" in h]
     atomic_write_text(out / "flips.csv", "step,flip_rate_prev,flip_rate_init\n" + "".join(flips))
+    val = [f"{h['step']},{h['tokens']},{h['val_loss']},{h['val_ppl']}\n" for h in history if "val_loss" in h]
+    if val:
+        atomic_write_text(out / "val.csv", "step,tokens,val_loss,val_ppl\n" + "".join(val))
 
 
 def _wanted_cache(ctx: RunContext) -> dict:

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = str(REPO / "params" / "tiny.yaml")
 PARENT = "mlflow.parentRunId"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PLOTS = {"train_loss.png", "train_flip_rate.png", "train_schedule.png", "ppl.png"}
+PLOTS = {"train_loss.png", "train_flip_rate.png", "train_schedule.png", "train_val_ppl.png", "ppl.png"}
 
 
 def _client(uri: str):
@@ -80,7 +80,7 @@ def test_training_steps_are_logged_as_metric_histories(tracked: SimpleNamespace)
     history = [json.loads(line) for line in (tracked.out / "train" / "history.jsonl").read_text().splitlines()]
     loss = sorted(tracked.client.get_metric_history(train_id, "loss"), key=lambda m: m.step)
     assert [m.step for m in loss] == list(range(1, 21))  # tiny preset: 20 steps, log_every 1
-    assert [m.value for m in loss] == pytest.approx([h["loss"] for h in history])
+    assert [m.value for m in loss] == pytest.approx([h["loss"] for h in history if "loss" in h])  # step 0: val only
     flips = sorted(tracked.client.get_metric_history(train_id, "flip_rate_prev"), key=lambda m: m.step)
     assert [m.step for m in flips] == [5, 10, 15, 20]  # refresh_every 5
     for key in ("ce", "kl", "lr", "lam", "grad_norm", "tokens_per_s", "flip_rate_init", "pruned_kept_ratio"):
@@ -146,7 +146,10 @@ def test_plots_and_reports_are_logged_and_written_to_the_run_dir(tracked: Simple
     assert {a.path for a in client.list_artifacts(pid, "compile")} >= {"compile/report.json"}
     assert {a.path for a in client.list_artifacts(pid, "export/hf")} == {"export/hf/sparsity.json"}
     train_plots = {Path(a.path).name for a in client.list_artifacts(tracked.children["train"].info.run_id, "plots")}
-    assert train_plots == {"train_loss.png", "train_flip_rate.png", "train_schedule.png"}
+    assert train_plots == {"train_loss.png", "train_flip_rate.png", "train_schedule.png", "train_val_ppl.png"}
+    val = client.get_metric_history(tracked.children["train"].info.run_id, "val_ppl")
+    assert sorted(m.step for m in val) == [5, 10, 15, 20]  # tiny: eval_every 5 of 20 steps
+    assert all(1.0 < m.value < 1e6 for m in val)
 
 
 @pytest.fixture(scope="module")

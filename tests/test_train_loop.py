@@ -125,3 +125,24 @@ def test_block_order_is_a_permutation_per_epoch_and_pure_in_step() -> None:
     first = order.ids(0, 10)
     assert sorted(first.tolist()) == list(range(10))
     assert np.array_equal(BlockOrder(10, seed=1).ids(7, 6), np.concatenate([first[7:], order.ids(10, 3)]))
+
+
+def test_validation_curve_is_recorded_and_does_not_change_training(tmp_path: Path, blocks, teacher) -> None:
+    from ast_core.train import causal_ce, validation_loss
+    val = np.random.default_rng(1).integers(0, 2000, size=(3, 16)).astype(np.uint16)
+    plain = _student(boosted=False)
+    train(plain, blocks, _cfg(method="ast-naive"), seed=0, teacher=OnlineTeacher(teacher),
+          checkpoint_dir=tmp_path / "a", progress=False)
+    watched = _student(boosted=False)
+    res = train(watched, blocks, _cfg(method="ast-naive", eval_every=4), seed=0, teacher=OnlineTeacher(teacher),
+                checkpoint_dir=tmp_path / "b", progress=False, val_blocks=val)
+    a, b = _final_state(plain), _final_state(watched)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # validation draws no randomness and takes no step
+    points = [(h["step"], h["tokens"], h["val_ppl"]) for h in res.history if "val_ppl" in h]
+    assert [p[0] for p in points] == [0, 4, 6] and points[0][1] == 0 and points[-1][1] == 6 * 2 * 16
+    # the last point equals the mean next-token CE of the trained model, computed by hand
+    ids = torch.from_numpy(val.astype(np.int64))
+    with torch.no_grad():
+        by_hand = float(causal_ce(watched(ids).logits, ids))
+    assert validation_loss(watched, val, batch_size=2) == pytest.approx(by_hand, rel=1e-5)
+    assert points[-1][2] == pytest.approx(float(np.exp(by_hand)), rel=1e-5)
