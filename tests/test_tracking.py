@@ -148,7 +148,7 @@ def test_plots_and_reports_are_logged_and_written_to_the_run_dir(tracked: Simple
     train_plots = {Path(a.path).name for a in client.list_artifacts(tracked.children["train"].info.run_id, "plots")}
     assert train_plots == {"train_loss.png", "train_flip_rate.png", "train_schedule.png", "train_val_ppl.png"}
     val = client.get_metric_history(tracked.children["train"].info.run_id, "val_ppl")
-    assert sorted(m.step for m in val) == [5, 10, 15, 20]  # tiny: eval_every 5 of 20 steps
+    assert sorted(m.step for m in val) == [0, 5, 10, 15, 20]  # tiny: eval_every 5 of 20 steps, and the start
     assert all(1.0 < m.value < 1e6 for m in val)
 
 
