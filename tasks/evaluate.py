@@ -5,9 +5,16 @@ markdown table with deltas.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from pathlib import Path
+
 from ast_core.checkpoint import atomic_write_json, atomic_write_text
-from ast_core.models import load_tokenizer
+from ast_core.embedded import cache_root
+from ast_core.models import load_tokenizer, tokenizer_fingerprint
 from ast_core.perplexity import wikitext2_perplexity
+from ast_core.teacher_cache import weights_hash
 
 from . import cache_teacher
 from .common import RunContext, hash_json, log
@@ -32,6 +39,57 @@ def _measure(ctx: RunContext, model, tok) -> dict:
     return out
 
 
+_EVAL_CODE = ("ast_core/perplexity.py", "ast_core/zeroshot.py", "ast_core/data.py", "tasks/evaluate.py")
+
+
+def _code_hash() -> str:
+    """The evaluation code's own hash: a change to how we measure invalidates cached dense results."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for rel in _EVAL_CODE:
+        h.update((root / rel).read_bytes())
+    for f in sorted((root / "ast_core" / "lm_eval_tasks").glob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def dense_cache_path(ctx: RunContext, teacher, tok) -> Path:
+    """Where the dense teacher's scores live, keyed by everything that decides them.
+
+    The dense model is measured the same way by every run that shares a teacher
+    (methods side by side, sweeps, re-runs), so it is measured once per
+    (weights, tokenizer, evaluate settings, evaluation code, data mirror).
+    """
+    from ast_core.data import data_mirror
+    key = hashlib.sha256(json.dumps({
+        "weights": weights_hash(teacher), "tokenizer": tokenizer_fingerprint(tok),
+        "evaluate": ctx.cfg.evaluate.model_dump(mode="json"), "code": _code_hash(),
+        "mirror": str(data_mirror()),
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root() / "dense_eval" / f"{key}.json"
+
+
+def _measure_dense(ctx: RunContext, tok) -> dict:
+    teacher = cache_teacher.load_teacher(ctx)
+    if os.environ.get("AST_DENSE_CACHE", "on") == "off":
+        return _measure(ctx, teacher, tok)
+    path = dense_cache_path(ctx, teacher, tok)
+    if path.exists():
+        try:
+            cached = json.loads(path.read_text())
+            log.info("evaluate: dense scores from %s", path)
+            return cached
+        except (OSError, json.JSONDecodeError):
+            pass  # a damaged cache entry is measured again and rewritten
+    dense = _measure(ctx, teacher, tok)
+    try:
+        atomic_write_json(path, dense)
+    except OSError as err:  # a read-only cache costs a re-measure next time, never the run
+        log.warning("evaluate: could not cache dense scores (%s)", err)
+    return dense
+
+
 def run(ctx: RunContext) -> dict:
     fp = fingerprint(ctx)
     if ctx.is_done("evaluate", fp):
@@ -40,7 +98,7 @@ def run(ctx: RunContext) -> dict:
     c = ctx.cfg
     tok = load_tokenizer(c.model.student, c.model.trust_remote_code)
     sparse = _measure(ctx, load_trained(ctx), tok)
-    dense = _measure(ctx, cache_teacher.load_teacher(ctx), tok)
+    dense = _measure_dense(ctx, tok)
     train_info = ctx.require("train")
     metrics = {
         "method": c.train.method,

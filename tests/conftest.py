@@ -19,6 +19,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("AST_TRACKING", "off")  # tests that check tracking point MLflow at a temp store
+os.environ.setdefault("AST_DENSE_CACHE", "off")  # tests measure the dense teacher; one test checks the cache
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 REPO = Path(__file__).resolve().parents[1]
