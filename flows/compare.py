@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from prefect import flow
 
 from ast_core.checkpoint import atomic_write_json, atomic_write_text
 from tasks.common import REPO_ROOT, RunContext, configure_threads
+from tasks.shared import link_shared
 from tasks.config import PipelineConfig, load_config
 
 from flows.ast_pipeline import ast_pipeline, run_stage_task, run_stages
@@ -131,26 +131,6 @@ def write_comparison(out: Path, results: dict[str, dict], failed: dict[str, str]
     if rows:
         comparison_chart(rows, out / "compare.png")
     return report
-
-
-# ----------------------------------------------------------------------------- shared inputs
-
-def _link(target: Path, link: Path) -> None:
-    """A relative symlink (the compare directory stays movable); an existing file is left alone."""
-    if link.is_symlink() or link.exists():
-        return
-    link.parent.mkdir(parents=True, exist_ok=True)
-    os.symlink(os.path.relpath(target, link.parent), link)
-
-
-def link_shared(shared: RunContext, ctx: RunContext) -> None:
-    """Give ``ctx`` the shared prepare outputs (file by file) and teacher cache (the directory)."""
-    for f in sorted(shared.stage_dir("prepare").iterdir()):
-        if f.is_file() and not f.name.startswith("."):
-            _link(f, ctx.stage_dir("prepare") / f.name)
-    cache = shared.stage_dir("cache-teacher") / "cache"
-    if cache.is_dir():
-        _link(cache, ctx.stage_dir("cache-teacher") / "cache")
 
 
 def method_configs(params: str, overrides: list[str], methods: list[str]) -> dict[str, PipelineConfig]:
