@@ -15,11 +15,14 @@ One step (DESIGN.md §1):
 Methods: ``naive`` = fixed mask, CE only, λ=0; ``ast-naive`` = adaptive mask +
 decay + KD; ``ast-boosted`` = ast-naive + SLoRB (attached by the caller).
 The loop is deterministic on CPU: resuming from a checkpoint gives bitwise the
-same weights as an uninterrupted run.
+same weights as an uninterrupted run. Under ``torchrun`` (``dist``) each rank
+trains on its slice of every global batch with DDP-averaged gradients and only
+rank 0 writes (:mod:`ast_core.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .distributed import DistEnv, barrier, check_masks_agree, mean_across, my_blocks
 from .checkpoint import (latest_checkpoint, load_checkpoint, load_model_tensors, rng_state,
                          save_checkpoint, set_rng_state)
 from .distill import kd_combine, kl_from_targets, kl_full, squarehead_loss
@@ -105,7 +109,7 @@ class CachedTeacher:
         self.cache = cache
 
     def kl(self, student_logits, block_ids, input_ids, temperature):
-        targets = self.cache.targets(block_ids)
+        targets = {k: v.to(student_logits.device) for k, v in self.cache.targets(block_ids).items()}
         return kl_from_targets(student_logits, targets, self.cache.format, temperature)
 
 
@@ -173,9 +177,10 @@ def validation_loss(model: torch.nn.Module, blocks: np.ndarray, batch_size: int 
     """
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, len(blocks), batch_size):
-        ids = torch.from_numpy(blocks[i:i + batch_size].astype(np.int64))
+        ids = torch.from_numpy(blocks[i:i + batch_size].astype(np.int64)).to(device)
         logits = model(ids).logits
         n = ids[:, 1:].numel()
         total += float(causal_ce(logits, ids)) * n
@@ -198,19 +203,31 @@ def make_schedule(cfg: LoopConfig) -> ASTSchedule:
 def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed: int,
           teacher: TeacherSource | None, checkpoint_dir: Path, resume: bool = False,
           on_step: Callable[[StepLog], None] | None = None, progress: bool = True,
-          stop_after: int | None = None, val_blocks: np.ndarray | None = None) -> TrainResult:
+          stop_after: int | None = None, val_blocks: np.ndarray | None = None,
+          dist: DistEnv | None = None) -> TrainResult:
     """Train ``student`` (already sparsified, masks initialised) on ``blocks`` [N, L].
 
     ``val_blocks`` with ``cfg.eval_every > 0``: validation loss/perplexity at
     step 0 (the starting point of the curve), every ``eval_every`` steps and at
-    the last step, recorded in the history.
+    the last step, recorded in the history (rank 0 only).
+
+    ``dist``: this process's rank under ``torchrun``; the student must already
+    be on its device (inputs follow the student's device). ``cfg.batch_size``
+    is the global batch; each rank takes its slice.
 
     ``stop_after`` ends the call early after that many steps of this call (used
     to simulate an interruption); the checkpoint logic is the same as a crash.
     """
     if cfg.uses_kd and teacher is None:
         raise ValueError(f"method {cfg.method} needs a teacher (cache or online)")
+    env = dist or DistEnv()
+    device = next(student.parameters()).device
     student.train()
+    model = student
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(student, broadcast_buffers=False,
+                                        device_ids=[device] if device.type == "cuda" else None)
     optimizer = make_optimizer(student, cfg)
     schedule = make_schedule(cfg)
     order = BlockOrder(len(blocks), seed)
@@ -222,7 +239,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         ckpt = load_checkpoint(ckpt_path)
         load_model_tensors(student, ckpt.model, str(ckpt_path / "model.safetensors"))
         optimizer.load_state_dict(ckpt.optimizer)
-        initial_masks = {k.removeprefix("initial_mask."): v for k, v in ckpt.extra.items()
+        initial_masks = {k.removeprefix("initial_mask."): v.to(device) for k, v in ckpt.extra.items()
                          if k.startswith("initial_mask.")}
         set_rng_state(ckpt.extra)
         start, tokens = ckpt.state["step"], ckpt.state["tokens"]
@@ -230,20 +247,25 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         resumed_from = start
 
     def checkpoint(step: int) -> Path:
-        extra = {f"initial_mask.{k}": v for k, v in initial_masks.items()}
-        extra.update(rng_state())
-        return save_checkpoint(checkpoint_dir, step, student, optimizer, extra,
-                               {"tokens": tokens, "method": cfg.method, "history": history})
+        path = checkpoint_dir / f"step_{step:06d}"
+        if env.is_main:  # one writer; the others wait until the checkpoint is complete
+            extra = {f"initial_mask.{k}": v for k, v in initial_masks.items()}
+            extra.update(rng_state())
+            path = save_checkpoint(checkpoint_dir, step, student, optimizer, extra,
+                                   {"tokens": tokens, "method": cfg.method, "history": history,
+                                    "world_size": env.world_size})
+        barrier(env)
+        return path
 
     eval_every = getattr(cfg, "eval_every", 0)
-    validate = val_blocks is not None and len(val_blocks) > 0 and eval_every > 0
+    validate = val_blocks is not None and len(val_blocks) > 0 and eval_every > 0 and env.is_main
     if validate and start == 0:
         v = validation_loss(student, val_blocks)  # the curve's starting point: no training step, no loss
         history.append({"step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 700.0))})
 
     last_good = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
     last_flip: FlipStats | None = None
-    bar = _progress(range(start, cfg.steps), progress, initial=start, total=cfg.steps)
+    bar = _progress(range(start, cfg.steps), progress and env.is_main, initial=start, total=cfg.steps)
     done_this_call = 0
     for step in bar:
         t_start = time.perf_counter()
@@ -253,26 +275,32 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
 
         ce_sum = kl_sum = sq_sum = loss_sum = 0.0
         for micro in range(cfg.grad_accum):
-            ids = order.ids((step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size)
-            input_ids = torch.from_numpy(blocks[ids].astype(np.int64))
-            out = student(input_ids, output_hidden_states=cfg.squarehead)
-            ce = causal_ce(out.logits, input_ids)
-            loss, kl = ce, torch.zeros(())
-            if cfg.uses_kd:
-                kl = teacher.kl(out.logits, ids, input_ids, cfg.temperature)
-                loss = kd_combine(ce, kl, cfg.kd_alpha)
-                if cfg.squarehead and isinstance(teacher, OnlineTeacher) and teacher.last_hidden:
-                    sq = squarehead_loss(list(out.hidden_states[1:]), list(teacher.last_hidden[1:]))
-                    loss = loss + cfg.squarehead_weight * sq
-                    sq_sum += float(sq.detach())
-            if not torch.isfinite(loss):
-                raise TrainingDiverged(f"loss is {float(loss.detach())} at step {step + 1}; last good checkpoint: "
-                                       f"{last_good or 'none (nothing was written)'}")
-            (loss / cfg.grad_accum).backward()
+            ids = my_blocks(order.ids((step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size), env)
+            input_ids = torch.from_numpy(blocks[ids].astype(np.int64)).to(device)
+            last_micro = micro == cfg.grad_accum - 1
+            sync = model.no_sync() if env.enabled and not last_micro else contextlib.nullcontext()
+            with sync:  # DDP: only the last micro-step all-reduces the accumulated gradients
+                out = model(input_ids, output_hidden_states=cfg.squarehead)
+                ce = causal_ce(out.logits, input_ids)
+                loss, kl = ce, torch.zeros((), device=device)
+                if cfg.uses_kd:
+                    kl = teacher.kl(out.logits, ids, input_ids, cfg.temperature)
+                    loss = kd_combine(ce, kl, cfg.kd_alpha)
+                    if cfg.squarehead and isinstance(teacher, OnlineTeacher) and teacher.last_hidden:
+                        sq = squarehead_loss(list(out.hidden_states[1:]), list(teacher.last_hidden[1:]))
+                        loss = loss + cfg.squarehead_weight * sq
+                        sq_sum += float(sq.detach())
+                # the mean over ranks: a NaN on any rank stops every rank at the same step
+                loss_val = mean_across([float(loss.detach())], env, device)[0]
+                if not math.isfinite(loss_val):
+                    raise TrainingDiverged(f"loss is {loss_val} at step {step + 1}; last good checkpoint: "
+                                           f"{last_good or 'none (nothing was written)'}")
+                (loss / cfg.grad_accum).backward()
             ce_sum += float(ce.detach())
             kl_sum += float(kl.detach())
-            loss_sum += float(loss.detach())
-            tokens += input_ids.numel()
+            loss_sum += loss_val
+            tokens += input_ids.numel() * env.world_size
+        ce_sum, kl_sum, sq_sum = mean_across([ce_sum, kl_sum, sq_sum], env, device)
 
         grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
         if not math.isfinite(grad_norm):
@@ -284,6 +312,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         flip = None
         if cfg.adaptive and (step + 1) % cfg.refresh_every == 0:
             flip = last_flip = refresh_masks(student, initial_masks)
+            check_masks_agree(snapshot_masks(student), env, step + 1)
 
         elapsed = time.perf_counter() - t_start  # the step itself; validation is not training time
         val = None
@@ -300,7 +329,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
                       val_loss=val, val_ppl=math.exp(min(val, 700.0)) if val is not None else None)
         if (step + 1) % cfg.log_every == 0 or flip is not None or val is not None or step + 1 == cfg.steps:
             history.append(log.as_dict())
-            if on_step:
+            if on_step and env.is_main:
                 on_step(log)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{log.loss:.3f}", lr=f"{lr:.2e}", lam=f"{lam:.1e}",

@@ -51,12 +51,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ast_core.slorb import SLoRBError
     from ast_core.sparse import SparsityError
     from ast_core.teacher_cache import CacheMismatch
+    from ast_core.distributed import DistributedError
     from ast_core.train import TrainingDiverged
 
     from .common import StageError
     from .config import ConfigError
     return (ConfigError, StageError, ModelSpecError, DataSourceError, SparsityError, CacheMismatch,
-            CheckpointError, TrainingDiverged, SLoRBError, ExportError, CompressionError, FileNotFoundError, PermissionError, OSError)
+            CheckpointError, TrainingDiverged, SLoRBError, ExportError, CompressionError, DistributedError,
+            FileNotFoundError, PermissionError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +88,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         import yaml
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
         return 0
+    from ast_core.distributed import DistEnv
+    env = DistEnv.from_env()
+    if env.enabled and not (args.command == "stage" and args.stage == "train"):
+        from .common import StageError
+        raise StageError(f"only `stage train` runs under torchrun ({env.world_size} processes here); run "
+                         f"prepare, cache-teacher, compile and evaluate as single processes "
+                         f"(see README, 'Several GPUs')")
+    if not env.is_main:
+        import os
+        os.environ["AST_TRACKING"] = "off"  # rank 0 alone talks to MLflow
     from .common import RunContext, configure_threads
     from .pipeline import run_all, run_stage
     configure_threads()

@@ -98,6 +98,8 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(50, ge=1)
     eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: only at the end)")
     log_every: int = Field(1, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="where training runs: auto = cuda:LOCAL_RANK when CUDA is visible, else cpu")
 
     @model_validator(mode="after")
     def _ranges(self) -> "TrainConfig":

@@ -16,6 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ast_core.calibration import collect_act_sq_mean
+from ast_core import distributed
+from ast_core.distributed import DistEnv
 from ast_core.checkpoint import atomic_write_json, atomic_write_text, load_model_tensors, state_dict_tensors
 from ast_core.masks import magnitude_score, nm_mask, wanda_score
 from ast_core.models import load_model
@@ -71,13 +73,19 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         return ctx.done("train")
     out = ctx.stage_dir("train")
     ckpt_dir = out / "checkpoints"
+    env = DistEnv.from_env()
+    device = env.device(c.train.device)
+    method = c.train.method
+    if env.enabled and (method == "dense" or method.startswith("oneshot-")):
+        raise StageError(f"train.method {method} trains nothing: run it as one process, not under torchrun")
+    distributed.init(env, device)
     resuming = ctx.resume and (ckpt_dir / "latest").exists()
-    if not resuming and ckpt_dir.exists():
+    if not resuming and ckpt_dir.exists() and env.is_main:
         import shutil
         shutil.rmtree(ckpt_dir)  # a fresh run never mixes with an old run's checkpoints
+    distributed.barrier(env)
     torch.manual_seed(c.seed)
     model = build_student(ctx)
-    method = c.train.method
     info: dict = {"method": method}
     if method.startswith("oneshot-"):
         info.update(oneshot_prune(model, method.removeprefix("oneshot-"), _calib_batches(ctx)))
@@ -91,11 +99,16 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
             if cache_teacher.needed(ctx):
                 teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache", _wanted_cache(ctx)))
             else:
-                teacher = OnlineTeacher(cache_teacher.load_teacher(ctx), want_hidden=c.train.squarehead)
+                teacher = OnlineTeacher(cache_teacher.load_teacher(ctx).to(device), want_hidden=c.train.squarehead)
         val = load_blocks(ctx, "val") if c.train.eval_every > 0 else None
+        model.to(device)
         result = train(model, load_blocks(ctx, "train"), c.train, seed=c.seed, teacher=teacher,
                        checkpoint_dir=ckpt_dir, resume=resuming, on_step=on_step, progress=ctx.progress,
-                       stop_after=stop_after, val_blocks=val)
+                       stop_after=stop_after, val_blocks=val, dist=env)
+        model.to("cpu")
+        if not env.is_main:  # rank 0 writes the stage's outputs; the others wait for them
+            distributed.barrier(env)
+            return ctx.done("train") or {}
         if result.steps < c.train.steps:
             raise StageError(f"training stopped at step {result.steps} of {c.train.steps}; "
                              "continue with --resume")
@@ -106,6 +119,7 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
                     flip_rate_init_final=result.last_flip.rate_init if result.last_flip else 0.0)
     save_final(ctx, model, info)
     ctx.mark_done("train", fp, **info)
+    distributed.barrier(env)
     return ctx.done("train")
 
 

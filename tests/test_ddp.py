@@ -1,0 +1,126 @@
+"""Training under ``torchrun --nproc_per_node=2`` (gloo, CPU) matches one process at the same global batch.
+
+Two ranks each take half of every global batch, read only their blocks of the
+teacher cache, and average gradients; the loss trajectory must match the
+single-process run within float tolerance, the masks must be identical on both
+ranks (and to the single-process masks), and a run interrupted and resumed
+under DDP must end bitwise where the uninterrupted DDP run ends.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ast_core.checkpoint import state_dict_tensors  # noqa: E402
+from ast_core.distributed import DistEnv, DistributedError, local_batch, mask_checksums, my_blocks  # noqa: E402
+from ast_core.teacher_cache import build_cache, fingerprint  # noqa: E402
+from ast_core.train import CachedTeacher, train  # noqa: E402
+from tests.support.ddp_reference import CFG, SEED, blocks, student, teacher  # noqa: E402
+
+WORKER = REPO / "tests" / "support" / "ddp_worker.py"
+
+
+def test_each_rank_takes_a_disjoint_slice_of_the_global_batch() -> None:
+    import numpy as np
+    ids = np.arange(10, 18)
+    parts = [my_blocks(ids, DistEnv(rank=r, world_size=4)) for r in range(4)]
+    assert [p.tolist() for p in parts] == [[10, 11], [12, 13], [14, 15], [16, 17]]
+    assert my_blocks(ids, DistEnv()).tolist() == ids.tolist()
+    with pytest.raises(DistributedError, match=r"train.batch_size \(6\).*divisible.*\(4\)"):
+        local_batch(6, DistEnv(rank=0, world_size=4))
+
+
+def test_dist_env_reads_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    env = DistEnv.from_env()
+    assert (env.rank, env.world_size, env.local_rank, env.enabled, env.is_main) == (2, 4, 0, True, False)
+    monkeypatch.setenv("RANK", "4")
+    with pytest.raises(DistributedError, match="rank 4 is not in a world of size 4"):
+        DistEnv.from_env()
+
+
+def test_mask_checksums_tell_masks_apart() -> None:
+    a = {"l": torch.tensor([[1, 1, 0, 0]], dtype=torch.bool)}
+    b = {"l": torch.tensor([[1, 0, 1, 0]], dtype=torch.bool)}  # same count, other positions
+    assert torch.equal(mask_checksums(a), mask_checksums({"l": a["l"].clone()}))
+    assert not torch.equal(mask_checksums(a), mask_checksums(b))
+
+
+def _torchrun(out: Path, cache: Path, *extra: str) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER),
+           str(out), str(cache), *extra]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def _masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in state.items() if k.endswith(".mask")}
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_two_process_ddp_matches_one_process_and_resumes(tmp_path: Path) -> None:
+    data = blocks()
+    fp = fingerprint(teacher="t", tokenizer="x", data="d", seq_len=16, fmt="topk", k=64, samples=0,
+                     temperature=CFG.temperature, seed=SEED)
+    cache = build_cache(tmp_path / "cache", teacher(), data, fp, batch_size=4, progress=False)
+
+    single = student()
+    ref = train(single, data, CFG, seed=SEED, teacher=CachedTeacher(cache), checkpoint_dir=tmp_path / "single",
+                progress=False)
+
+    _torchrun(tmp_path / "ddp", tmp_path / "cache")
+    _torchrun(tmp_path / "ddp_resumed", tmp_path / "cache", "--interrupt-at", "3")
+
+    runs = {name: [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in (0, 1)]
+            for name in ("ddp", "ddp_resumed")}
+    r0, r1 = runs["ddp"]
+    # rank-disjoint cache reads: per step the two ranks' blocks are disjoint halves of the global batch
+    assert len(r0["read"]) == len(r1["read"]) == CFG.steps
+    from ast_core.train import BlockOrder
+    order = BlockOrder(len(data), SEED)
+    for step, (a, b) in enumerate(zip(r0["read"], r1["read"])):
+        assert not set(a) & set(b)
+        assert a + b == order.ids(step * CFG.batch_size, CFG.batch_size).tolist()
+
+    # the loss trajectory (the mean over ranks) matches the single process at the same global batch
+    losses = [h["loss"] for h in r0["history"] if "loss" in h]
+    assert len(losses) == CFG.steps
+    assert losses == pytest.approx([h["loss"] for h in ref.history if "loss" in h], rel=1e-4, abs=1e-5)
+    assert [h["loss"] for h in r1["history"]] == [h["loss"] for h in r0["history"]]  # same logged values
+
+    ranks = [load_file(str(tmp_path / "ddp" / f"rank{r}.safetensors")) for r in (0, 1)]
+    for k, v in ranks[0].items():  # both ranks hold the same model: weights bitwise, masks identical
+        assert torch.equal(v, ranks[1][k]), k
+    ddp_masks, one_masks = _masks(ranks[0]), _masks(state_dict_tensors(single))
+    assert ddp_masks.keys() == one_masks.keys() and len(ddp_masks) == 14
+    assert all(torch.equal(ddp_masks[k], one_masks[k]) for k in ddp_masks)
+    one = state_dict_tensors(single)
+    for k, v in ranks[0].items():
+        assert torch.allclose(v.float(), one[k].float(), rtol=1e-4, atol=1e-5), k
+    assert any(h.get("flip_rate_init", 0) > 0 for h in r0["history"])  # the masks did adapt
+
+    # resumed under DDP from the step-2 checkpoint: bitwise the uninterrupted DDP run
+    resumed = [load_file(str(tmp_path / "ddp_resumed" / f"rank{r}.safetensors")) for r in (0, 1)]
+    assert runs["ddp_resumed"][0]["resumed_from"] == 2
+    for state in resumed:
+        for k, v in ranks[0].items():
+            assert torch.equal(v, state[k]), k
+    # only rank 0 wrote checkpoints
+    assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["latest", "step_000004",
+                                                                                    "step_000006"]
