@@ -124,3 +124,46 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path: Path) -> None
     # only rank 0 wrote checkpoints
     assert sorted(p.name for p in (tmp_path / "ddp" / "checkpoints").iterdir()) == ["latest", "step_000004",
                                                                                     "step_000006"]
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_tiny_preset_stage_train_under_torchrun_matches_one_process(tmp_path: Path) -> None:
+    """The product's own launch: ``torchrun --nproc_per_node=2 -m tasks.cli stage train --params params/tiny.yaml``."""
+    from tasks.cli import main
+    tiny = str(REPO / "params" / "tiny.yaml")
+    fast = ["--no-progress", "--set", "train.steps=8", "--set", "train.refresh_every=2", "--set", "train.eval_every=0"]
+    for out in ("one", "two"):
+        for stage in ("prepare", "cache-teacher"):
+            assert main(["stage", stage, "--params", tiny, "--out", str(tmp_path / out), *fast]) == 0
+    assert main(["stage", "train", "--params", tiny, "--out", str(tmp_path / "one"), *fast]) == 0
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "AST_TRACKING": "off"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "tasks.cli",
+           "stage", "train", "--params", tiny, "--out", str(tmp_path / "two"), *fast]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    def history(out: str) -> list[dict]:
+        lines = (tmp_path / out / "train" / "history.jsonl").read_text().splitlines()
+        return [json.loads(line) for line in lines]
+
+    one, two = history("one"), history("two")
+    assert [h["step"] for h in two] == [h["step"] for h in one] == list(range(1, 9))
+    assert [h["loss"] for h in two] == pytest.approx([h["loss"] for h in one], rel=1e-4, abs=1e-5)
+    assert [h["tokens"] for h in two] == [h["tokens"] for h in one]  # global tokens, not one rank's
+    a = load_file(str(tmp_path / "one" / "train" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "train" / "final" / "model.safetensors"))
+    masks = [k for k in a if k.endswith(".mask")]
+    assert masks and all(torch.equal(a[k], b[k]) for k in masks)
+    assert json.loads((tmp_path / "two" / "train" / "done.json").read_text())["steps"] == 8
+
+
+def test_other_stages_refuse_to_run_under_torchrun(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from tasks.cli import main
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    code = main(["stage", "prepare", "--params", str(REPO / "params" / "tiny.yaml"), "--out", str(tmp_path / "x")])
+    assert code == 2 and "only `stage train` runs under torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
