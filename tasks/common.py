@@ -45,8 +45,13 @@ class RunContext:
     @classmethod
     def create(cls, cfg: PipelineConfig, out: str | Path | None = None, resume: bool = False,
                progress: bool = True) -> "RunContext":
-        root = Path(out) if out else REPO_ROOT / "artifacts" / cfg.name
-        return cls(cfg, root.resolve(), resume, progress)
+        if out:
+            return cls(cfg, Path(out).resolve(), resume, progress)  # the user's explicit choice
+        artifacts = (REPO_ROOT / "artifacts").resolve()
+        root = (artifacts / cfg.name).resolve()
+        if root.parent != artifacts:  # a config value never chooses a directory outside artifacts/
+            raise StageError(f"name {cfg.name!r} does not name a directory inside {artifacts}")
+        return cls(cfg, root, resume, progress)
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage.replace("-", "_")

@@ -160,7 +160,8 @@ class EvaluateConfig(_Section):
 
 
 class PipelineConfig(_Section):
-    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    # the default run directory is artifacts/<name>: one plain path component, never "." or ".."
+    name: str = Field(..., min_length=1, pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
     seed: int = Field(0, ge=0)
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()

@@ -126,6 +126,7 @@ CASES = [
                  id="cfg-unknown-task"),
     pytest.param(Case("run --params {tiny} --set name=../escape", ("'name'", "../escape"),
                       absent=("{repo}/escape",)), id="cfg-name-escapes-artifacts-dir"),
+    pytest.param(Case("run --params {tiny} --set name=..", ("'name'", "..")), id="cfg-name-is-dot-dot"),
     pytest.param(Case(RUN + "train.steps.x=1", ("train.steps.x", "not a section")), id="cfg-set-into-a-scalar"),
     pytest.param(Case("run --params {tiny} --out {out} --set train.steps", ("--set", "train.steps")),
                  id="cfg-set-without-value"),
