@@ -1,0 +1,328 @@
+"""The method ladder: every method on one data set, one teacher cache, one token budget (issue #6, item 1).
+
+Why: the product's claim is that adaptive sparse training recovers more of the
+2:4 pruning loss than one-shot pruning and than plain retraining with a fixed
+mask, at the same cost. That is only shown by running the rungs side by side:
+
+  dense · one-shot magnitude / Wanda / SparseGPT · naive retraining (fixed mask,
+  CE only) · ast-ste (STE + mask refresh, λ = 0: no decay) · AST-Naive · AST-Boosted
+
+All trained methods see the same blocks in the same order (same seed) for
+``--steps`` steps; validation perplexity on the fixed held-out blocks every
+``steps // 4`` steps gives the perplexity-vs-tokens curve. The runs go through
+the pipeline's own stages (:mod:`bench.runner`); compile is skipped (it changes
+no weight and costs minutes on CPU). A re-run skips every finished stage, so an
+interrupted ladder continues where it stopped.
+
+    python bench/ladder.py [--params params/smollm2-quick.yaml] [--steps 100] [--set k=v ...]
+                           [--out-dir bench/results] [--work artifacts/bench/ladder] [--only NAME ...]
+
+Writes ``ladder.json``, ``ladder.md``, ``ladder.png`` (perplexity bars) and
+``ladder_curve.png`` (validation perplexity vs tokens) under ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ast_core.checkpoint import atomic_write_text  # noqa: E402
+from bench import plotting  # noqa: E402
+from bench.runner import RESULTS, WORK, Variant, VariantResult, run_all, stamp, write_json  # noqa: E402
+from tasks.common import StageError  # noqa: E402
+from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+
+DEFAULT_PARAMS = "params/smollm2-quick.yaml"
+STAGES = ("cache-teacher", "train", "evaluate")  # compile changes no weight: not needed to measure quality
+VARIANTS: dict[str, list[str]] = {  # name -> overrides, in ladder order
+    "dense": ["train.method=dense"],
+    "oneshot-magnitude": ["train.method=oneshot-magnitude"],
+    "oneshot-wanda": ["train.method=oneshot-wanda"],
+    "oneshot-sparsegpt": ["train.method=oneshot-sparsegpt"],
+    "naive": ["train.method=naive"],
+    "ast-ste": ["train.method=ast-naive", "train.lambda_max=0"],
+    "ast-naive": ["train.method=ast-naive"],
+    "ast-boosted": ["train.method=ast-boosted"],
+}
+CURVE_METHODS = ("naive", "ast-ste", "ast-naive", "ast-boosted")
+ADAPTIVE = ("ast-ste", "ast-naive", "ast-boosted")  # the ones whose mask is refreshed: a flip rate means something
+
+
+# ----------------------------------------------------------------------------- shared with decay_sweep
+
+def resolve_params(path: str) -> str:
+    """A params path as given, or relative to the repository (the scripts run from anywhere)."""
+    p = Path(path)
+    return str(p if p.exists() or p.is_absolute() else REPO / p)
+
+
+def budget_overrides(cfg: PipelineConfig, steps: int) -> list[str]:
+    """The token budget as ``--set`` overrides: ``steps`` steps, one epoch of training blocks.
+
+    ``data.max_train_blocks`` = steps × batch (× grad_accum) so each block is seen
+    once and the teacher cache covers exactly these. The warm-up is shortened to
+    ``steps`` only where the preset's would not fit (a config error otherwise).
+    """
+    if steps < 1:
+        raise ConfigError(f"--steps must be >= 1 (got {steps})")
+    t = cfg.train
+    out = [f"train.steps={steps}", f"data.max_train_blocks={steps * t.batch_size * t.grad_accum}",
+           f"train.eval_every={max(1, steps // 4)}", f"train.checkpoint_every={steps}"]
+    if t.warmup_steps > steps:
+        out.append(f"train.warmup_steps={steps}")
+    return out
+
+
+def budget_of(cfg: PipelineConfig) -> dict[str, int]:
+    """Steps, blocks per step, block length and tokens per trained method."""
+    t = cfg.train
+    batch = t.batch_size * t.grad_accum
+    return {"steps": t.steps, "batch": batch, "seq_len": cfg.data.seq_len,
+            "tokens": t.steps * batch * cfg.data.seq_len}
+
+
+def curve(history: list[dict]) -> list[list[float]]:
+    """``[tokens, val_ppl]`` at every validation point of a training history (step 0 first)."""
+    return [[int(h["tokens"]), float(h["val_ppl"])] for h in history if "val_ppl" in h]
+
+
+def train_seconds(history: list[dict], steps: int) -> float | None:
+    """Measured training time: the per-step times of the history (validation excluded).
+
+    Each logged step has ``tokens_per_s`` = its tokens / its time; with
+    ``log_every`` > 1 the mean logged step time is scaled to all steps. Read
+    from the history, so a re-run that skipped training still reports it.
+    """
+    recs = [h for h in history if h.get("tokens_per_s") and h.get("step")]
+    if not recs:
+        return None
+    # tokens is cumulative and every step trains the same number, so tokens/step is one step's tokens
+    times = [h["tokens"] / h["step"] / h["tokens_per_s"] for h in recs]
+    return sum(times) / len(times) * steps
+
+
+def command_line(script: str, argv: list[str]) -> str:
+    return "python " + shlex.join([f"bench/{script}", *argv])
+
+
+def fail(err: Exception) -> int:
+    """One line on stderr, exit status 2 (the pipeline's convention for bad input)."""
+    print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
+# ----------------------------------------------------------------------------- results -> rows
+
+def gap_closed(ppl: float, ppl_sparsegpt: float | None, ppl_dense: float | None) -> float | None:
+    """(ppl_SparseGPT − ppl)/(ppl_SparseGPT − ppl_dense): 0 for SparseGPT, 1 for dense; None without both."""
+    if ppl_sparsegpt is None or ppl_dense is None or math.isclose(ppl_sparsegpt, ppl_dense):
+        return None
+    return (ppl_sparsegpt - ppl) / (ppl_sparsegpt - ppl_dense) + 0.0  # + 0.0: no "-0.0%" for SparseGPT
+
+
+def ladder_rows(runs: dict[str, dict[str, Any]], steps: int) -> list[dict[str, Any]]:
+    """One row per run, in the given order. ``runs[name]`` = {"metrics": metrics.json, "history": [...]}.
+
+    The dense reference is the ``dense`` run when present, else the dense
+    perplexity every sparse run measured alongside (the same evaluation).
+    """
+    if "dense" in runs:
+        ppl_dense = float(runs["dense"]["metrics"]["ppl_wikitext2"])
+    else:
+        ppl_dense = next((float(r["metrics"]["ppl_wikitext2_dense"]) for r in runs.values()
+                          if "ppl_wikitext2_dense" in r["metrics"]), None)
+    sgpt = runs.get("oneshot-sparsegpt")
+    ppl_sgpt = float(sgpt["metrics"]["ppl_wikitext2"]) if sgpt else None
+    rows = []
+    for name, run in runs.items():
+        m, hist = run["metrics"], run.get("history", [])
+        ppl = float(m["ppl_wikitext2"])
+        zs = {k: float(v) for k, v in (m.get("zero_shot") or {}).items()}
+        rows.append({
+            "method": name,
+            "train_method": m.get("method"),
+            "ppl": ppl,
+            "gap_closed": gap_closed(ppl, ppl_sgpt, ppl_dense),
+            "zero_shot": zs,
+            "zero_shot_mean": sum(zs.values()) / len(zs) if zs else None,
+            "tokens": int(m.get("tokens_trained", 0)),
+            "train_s": train_seconds(hist, steps),
+            "flip_rate_final": float(m.get("flip_rate_final", 0.0)) if name in ADAPTIVE else None,
+        })
+    return rows
+
+
+def build_report(runs: dict[str, dict[str, Any]], *, cfg: PipelineConfig, params: str, command: str,
+                 stamp_: dict, wall_s: float | None = None) -> dict[str, Any]:
+    """Everything ``ladder.json`` holds (pure: tests build it from synthetic runs)."""
+    budget = budget_of(cfg)
+    windows = next((r["metrics"].get("ppl_windows") for r in runs.values() if "ppl_windows" in r["metrics"]), None)
+    zs = cfg.evaluate.zero_shot
+    return {
+        "stamp": stamp_,
+        "params": params,
+        "model": cfg.model.student,
+        "command": command,
+        "budget": budget,
+        "evaluation": {"wikitext2_windows": windows, "seq_len": cfg.evaluate.seq_len,
+                       "max_windows": cfg.evaluate.max_windows,
+                       "zero_shot": {"enabled": zs.enabled, "tasks": list(zs.tasks) if zs.enabled else [],
+                                     "limit": zs.limit},
+                       "val_blocks": cfg.data.val_blocks, "val_seq_len": cfg.data.seq_len,
+                       "val_every": cfg.train.eval_every},
+        "teacher_cache": {"enabled": cfg.teacher_cache.enabled, "format": cfg.teacher_cache.format,
+                          "k": cfg.teacher_cache.k},
+        "rows": ladder_rows(runs, budget["steps"]),
+        "curves": {name: curve(r.get("history", [])) for name, r in runs.items() if name in CURVE_METHODS},
+        "wall_s": wall_s,
+    }
+
+
+# ----------------------------------------------------------------------------- rendering
+
+def _fmt(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def budget_line(r: dict[str, Any]) -> str:
+    b, e, tc = r["budget"], r["evaluation"], r["teacher_cache"]
+    kd = f"teacher cache {tc['format']} k={tc['k']}" if tc["enabled"] else "online teacher"
+    return (f"Budget: every trained method {b['steps']} steps × {b['batch']}×{b['seq_len']} tokens = "
+            f"{b['tokens']:,} tokens (same blocks, same order, seed fixed; KD from the {kd}); "
+            f"validation perplexity on {e['val_blocks']}×{e['val_seq_len']} held-out tokens every "
+            f"{e['val_every']} steps.")
+
+
+def evaluation_line(r: dict[str, Any]) -> str:
+    e = r["evaluation"]
+    zs = e["zero_shot"]
+    if zs["enabled"]:
+        limit = f"first {zs['limit']} items per task" if zs["limit"] else "all items"
+        zs_txt = f"zero-shot accuracy on {', '.join(zs['tasks'])} (local data, {limit})"
+    else:
+        zs_txt = "zero-shot off"
+    return (f"Evaluation: WikiText-2 test perplexity over {e['wikitext2_windows']} windows × {e['seq_len']} "
+            f"tokens; {zs_txt}.")
+
+
+def ladder_table(rows: list[dict[str, Any]]) -> str:
+    """The markdown table: perplexity, gap closed, zero-shot per task + mean, tokens, time, flips."""
+    tasks = sorted({t for r in rows for t in r["zero_shot"]})
+    head = (["method", "WikiText-2 ppl", "gap closed vs SparseGPT"] + [f"{t} acc" for t in tasks]
+            + (["zero-shot mean"] if tasks else []) + ["tokens trained", "train s", "final flip rate"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [r["method"], f"{r['ppl']:.2f}", _fmt(r["gap_closed"], ".1%")]
+        cells += [_fmt(r["zero_shot"].get(t), ".3f") for t in tasks]
+        if tasks:
+            cells.append(_fmt(r["zero_shot_mean"], ".3f"))
+        cells += [f"{r['tokens']:,}", _fmt(r["train_s"], ".0f"), _fmt(r["flip_rate_final"], ".3%")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(r: dict[str, Any]) -> str:
+    s = r["stamp"]
+    return "\n".join([
+        f"## Method ladder: {r['model']}, 2:4 sparsity",
+        "",
+        f"Measured {s.get('date')} on {s.get('machine')} (commit {s.get('commit')}, torch {s.get('torch')}, "
+        f"{s.get('threads')} threads); params `{r['params']}`.",
+        "",
+        budget_line(r),
+        "",
+        evaluation_line(r),
+        "",
+        ladder_table(r["rows"]),
+        "gap closed = (ppl_SparseGPT − ppl) / (ppl_SparseGPT − ppl_dense): 0 is one-shot SparseGPT, 100% the "
+        "dense model. ast-ste is AST-Naive with λ_max = 0 (straight-through estimator + mask refresh, no "
+        "decay). train s: measured step time (validation excluded); final flip rate: share of mask bits "
+        "changed at the last refresh (methods that refresh only).",
+        "",
+        "Plots: `ladder.png` (perplexity), `ladder_curve.png` (validation perplexity vs tokens).",
+        "",
+        f"Command: `{r['command']}`",
+        "",
+    ])
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``ladder.json``, ``ladder.md``, ``ladder.png``, ``ladder_curve.png`` (each written atomically)."""
+    out_dir = Path(out_dir)
+    write_json(out_dir / "ladder.json", report)
+    atomic_write_text(out_dir / "ladder.md", render_markdown(report))
+    rows = report["rows"]
+    b = report["budget"]
+    bars = plotting.bar_plot(out_dir / "ladder.png", [r["method"] for r in rows], [r["ppl"] for r in rows],
+                             title=f"WikiText-2 perplexity, 2:4 ({b['tokens']:,} training tokens; lower is better)",
+                             ylabel="perplexity (log scale)", logy=True)
+    series = {name: ([p[0] for p in pts], [p[1] for p in pts]) for name, pts in report["curves"].items()}
+    lines = plotting.line_plot(out_dir / "ladder_curve.png", series,
+                               title="validation perplexity vs training tokens (fixed held-out blocks)",
+                               xlabel="training tokens", ylabel="perplexity (log scale)", logy=True)
+    return [out_dir / "ladder.json", out_dir / "ladder.md", bars, lines]
+
+
+# ----------------------------------------------------------------------------- running
+
+def variants(only: list[str] | None) -> list[Variant]:
+    names = [n for n in VARIANTS if not only or n in only]
+    return [Variant(n, list(VARIANTS[n])) for n in names]
+
+
+def as_runs(results: dict[str, VariantResult]) -> dict[str, dict[str, Any]]:
+    return {name: {"metrics": r.metrics, "history": r.history} for name, r in results.items()}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench/ladder.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default=DEFAULT_PARAMS)
+    ap.add_argument("--steps", type=int, default=100, help="training steps of every trained method")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied after the budget (repeatable)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--work", type=Path, default=WORK / "ladder", help="run directories (resumable)")
+    ap.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="NAME",
+                    help=f"run only these rungs ({', '.join(VARIANTS)})")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    params = resolve_params(args.params)
+    try:
+        cfg0 = load_config(params, args.overrides)
+        base = [*budget_overrides(cfg0, args.steps), f"train.t0_steps={args.steps // 4}", *args.overrides]
+        cfg = load_config(params, base)
+    except ConfigError as err:
+        return fail(err)
+    chosen = variants(args.only)
+    b = budget_of(cfg)
+    print(f"ladder: {cfg.model.student}, {len(chosen)} rung(s), {b['steps']} steps × {b['batch']}×{b['seq_len']} "
+          f"= {b['tokens']:,} tokens per trained method; work {args.work}", flush=True)
+    start = time.perf_counter()
+    try:
+        results = run_all(params, base, chosen, Path(args.work).resolve(), stages=STAGES,
+                          log=lambda msg: print(msg, flush=True))
+    except (ConfigError, StageError) as err:
+        return fail(err)
+    report = build_report(as_runs(results), cfg=cfg, params=args.params, command=command_line("ladder.py", argv),
+                          stamp_=stamp(), wall_s=time.perf_counter() - start)
+    written = write_outputs(report, args.out_dir)
+    print(ladder_table(report["rows"]), end="")
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

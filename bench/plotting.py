@@ -1,0 +1,110 @@
+"""Small matplotlib helpers shared by the benchmark scripts (PNG only, no display).
+
+Why a module of its own: every benchmark draws the same two kinds of figure
+(lines over steps/tokens/λ, bars per method) and must write them the same
+safe way. Figures are built on the Agg canvas directly (no ``pyplot``): no
+global backend state, no display needed, safe in worker threads. Writes are
+atomic (temporary file in the same folder, then ``os.replace``) so a report
+generated while a benchmark runs never reads half a PNG.
+
+API (keep it small; other bench scripts import it):
+
+- ``figure(title, xlabel, ylabel, logx=False, logy=False) -> (fig, ax)``
+- ``save(fig, path) -> path``
+- ``line_plot(path, series, title=..., xlabel=..., ylabel=..., logx, logy, hlines) -> path``
+- ``bar_plot(path, labels, values, title=..., ylabel=..., logy) -> path``
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+Series = tuple[Sequence[float], Sequence[float]]
+
+
+def figure(title: str, xlabel: str = "", ylabel: str = "", *, logx: bool = False, logy: bool = False,
+           size: tuple[float, float] = (7.5, 4.5)) -> tuple[Any, Any]:
+    """A fresh Agg figure with one grid-lined axes, titled and labelled."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=size, dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
+    return fig, ax
+
+
+def save(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` atomically (creates the folder); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
+    fig.tight_layout()
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _drawable(xs: Sequence[float], ys: Sequence[float], logx: bool, logy: bool) -> tuple[list, list]:
+    """Finite points only, and positive ones on a log axis (log(0) cannot be drawn)."""
+    pts = [(float(x), float(y)) for x, y in zip(xs, ys)
+           if x is not None and y is not None and math.isfinite(x) and math.isfinite(y)
+           and (x > 0 or not logx) and (y > 0 or not logy)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def line_plot(path: str | Path, series: Mapping[str, Series], *, title: str, xlabel: str, ylabel: str,
+              logx: bool = False, logy: bool = False, hlines: Mapping[str, float] | None = None) -> Path:
+    """One line (with markers) per ``label -> (xs, ys)``; ``hlines`` are dashed reference levels.
+
+    Points that cannot be drawn on the chosen scale are dropped; a figure with
+    nothing to draw says so instead of failing.
+    """
+    fig, ax = figure(title, xlabel, ylabel, logx=logx, logy=logy)
+    drawn = False
+    for label, (xs, ys) in series.items():
+        px, py = _drawable(xs, ys, logx, logy)
+        if px:
+            ax.plot(px, py, marker="o", markersize=3.5, label=label)
+            drawn = True
+    for i, (label, level) in enumerate((hlines or {}).items()):
+        if level is not None and math.isfinite(level) and (level > 0 or not logy):
+            ax.axhline(level, linestyle="--", color=f"C{(len(series) + i) % 10}", label=label)
+            drawn = True
+    if drawn:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no data to draw", ha="center", va="center", transform=ax.transAxes)
+    return save(fig, path)
+
+
+def bar_plot(path: str | Path, labels: Sequence[str], values: Sequence[float | None], *, title: str,
+             ylabel: str, logy: bool = False, fmt: str = "{:.2f}") -> Path:
+    """One labelled bar per entry (the value printed on it); ``None`` values are left empty."""
+    fig, ax = figure(title, "", ylabel, logy=logy)
+    shown = [v if v is not None and math.isfinite(v) and (v > 0 or not logy) else math.nan for v in values]
+    bars = ax.bar(list(labels), shown, color=[f"C{i % 10}" for i in range(len(labels))])
+    for bar, v in zip(bars, shown):
+        if math.isfinite(v):
+            ax.annotate(fmt.format(v), (bar.get_x() + bar.get_width() / 2, v), ha="center", va="bottom",
+                        fontsize=8)
+    finite = [v for v in shown if math.isfinite(v)]
+    if logy and finite:  # log bars start at the axis bottom: put it well below the smallest bar
+        ax.set_ylim(bottom=min(finite) / 2, top=max(finite) * 1.5)
+    ax.tick_params(axis="x", rotation=30)
+    for label in ax.get_xticklabels():
+        label.set_horizontalalignment("right")
+    return save(fig, path)
