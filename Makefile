@@ -40,6 +40,23 @@ test-all: setup
 clean:
 	rm -rf artifacts .pytest_cache
 
+# Benchmarks (issue #6): every CPU benchmark in order, then docs/RESULTS.md from bench/results/*.json.
+# Expected wall time on 2 CPU cores: about N min. Each benchmark skips runs already done
+# (artifacts/bench/), so an interrupted `make bench` continues where it stopped.
+# The GPU table (bench/gpu_kernels.py) needs a CUDA machine and is not re-run here.
+.PHONY: bench-report
+bench: setup
+	$(BIN)/python bench/step_overhead.py
+	$(BIN)/python bench/compression.py
+	$(BIN)/python bench/cache_formats.py
+	$(BIN)/python bench/ladder.py
+	$(BIN)/python bench/decay_sweep.py
+	$(BIN)/python bench/report.py
+
+# Only rebuild docs/RESULTS.md from the results already in bench/results.
+bench-report:
+	$(BIN)/python bench/report.py
+
 # Local orchestration stack: Prefect server + work pool + deployments + worker, MLflow UI.
 # PID files and logs in .run/, Prefect state in .prefect/; `make down` stops exactly these.
 .PHONY: up down
