@@ -132,6 +132,15 @@ def _markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _stamp() -> dict:
+    """Date and machine of this measurement (bench.runner.stamp needs the full project, a GPU box may not have it)."""
+    import os
+    import platform
+    return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": None,
+            "machine": f"{torch.cuda.get_device_name()}, {platform.machine()}, {os.cpu_count()} CPU cores",
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="embedded:smollm2-135m")
@@ -159,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
               "backend": default_backend(), "iters": args.iters, "kernels": kernels, "other_backends": other_rows,
               "end_to_end": e2e,
-              "wall_s": time.time() - t0}
+              "wall_s": time.time() - t0, "stamp": _stamp()}
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_kernels.json").write_text(json.dumps(result, indent=2))

@@ -187,7 +187,9 @@ def main() -> None:
     # Noise-robust estimate from the parts: extra optimizer time + amortised refresh.
     opt_extra = statistics.median(ast["opt"]) - statistics.median(plain["opt"])
     refresh_amortised = (sum(refresh_s) / len(ast["step"])) if refresh_s else 0.0
+    from bench.runner import stamp
     result = {
+        "stamp": stamp(),
         "model": MODEL, "batch": args.batch, "seq_len": args.seq_len, "measured_steps": args.steps,
         "warmup_steps": args.warmup, "refresh_every": args.refresh_every, "lambda": args.lambda_max,
         "second_moment": ast_opt.defaults["second_moment"],
