@@ -264,6 +264,8 @@ def run_train(args: argparse.Namespace) -> dict:
     base = base_overrides(args.steps, preset.batch_size * preset.grad_accum, preset.warmup_steps)
     cfg = load_config(args.params, base)
     variants = train_variants(args.params, base)
+    if args.only:  # a subset (the online reference always runs: every ratio is against it)
+        variants = [v for v in variants if v.name == "online" or v.name in args.only]
     root = Path(args.work_dir) if args.work_dir else WORK / "cache_formats" / f"{cfg.name}-{args.steps}steps"
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     start = time.perf_counter()
@@ -370,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds", type=int, default=32, help="static part: independent draws per sampled format")
     ap.add_argument("--params", default="params/smollm2-quick.yaml", help="train part: preset")
     ap.add_argument("--steps", type=int, default=40, help="train part: steps per variant")
+    ap.add_argument("--only", nargs="+", choices=[f.name for f in FORMATS], metavar="FORMAT",
+                    help="train part: only these formats (plus the online reference)")
     ap.add_argument("--work-dir", default=None, help="train part: run directories "
                                                       "(default artifacts/bench/cache_formats/<preset>-<steps>steps)")
     argv = list(sys.argv[1:] if argv is None else argv)
