@@ -41,11 +41,37 @@ from ast_core.refresh import magnitude_nm_mask, refresh_masks, snapshot_masks  #
 from ast_core.sparse import sparse_layers, sparsify  # noqa: E402
 
 MODEL = "embedded:smollm2-135m"
+# Random-weight stand-ins with real shapes, for machines without the embedded copy (a GPU box):
+# step time depends on the shapes, not the values.
+RANDOM_SHAPES = {
+    "random:smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
+                                tie_word_embeddings=True),
+    "random:llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                              num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
+                              tie_word_embeddings=False),
+}
+
+
+def build_model(spec: str) -> torch.nn.Module:
+    if spec in RANDOM_SHAPES:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        cfg = AutoConfig.for_model("llama", max_position_embeddings=4096, **RANDOM_SHAPES[spec])
+        return AutoModelForCausalLM.from_config(cfg)
+    return load_model(spec)
+
+
+def sync(device: torch.device) -> None:
+    """Wait for queued GPU work, so wall-clock timers measure it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 C4 = REPO.parent / "shared" / "data" / "c4" / "c4-en-train.00000-of-01024.first1000.jsonl"
 
 
-def make_batches(n: int, batch: int, seq_len: int, data: Path) -> list[torch.Tensor]:
-    """``n`` batches of ``batch`` × ``seq_len`` tokens of C4 text (contiguous blocks)."""
+def make_batches(n: int, batch: int, seq_len: int, data: Path | None, vocab: int = 49152) -> list[torch.Tensor]:
+    """``n`` batches of ``batch`` × ``seq_len`` tokens of C4 text (contiguous blocks); random ids without data."""
+    if data is None:
+        return list(torch.randint(0, vocab, (n, batch, seq_len), generator=torch.Generator().manual_seed(0)))
     tok = load_tokenizer(MODEL)
     need = n * batch * seq_len
     ids: list[int] = []
@@ -61,13 +87,17 @@ def make_batches(n: int, batch: int, seq_len: int, data: Path) -> list[torch.Ten
 
 
 def train_step(model: torch.nn.Module, opt: torch.optim.Optimizer, ids: torch.Tensor) -> tuple[float, float, float]:
+    device = ids.device
+    sync(device)
     t0 = time.perf_counter()
     loss = model(input_ids=ids, labels=ids).loss
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    sync(device)
     t1 = time.perf_counter()
     opt.step()
     opt.zero_grad(set_to_none=True)
+    sync(device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1, float(loss.detach())
 
@@ -78,8 +108,9 @@ def optimizer_breakdown(model: torch.nn.Module, lam: float, reps: int) -> dict[s
     and ASTAdamW with λ > 0. The last two differ only by the decay's extra work.
     lr = 0, so the weights do not change (every op still runs)."""
     gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters()).device
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(device)
     opts: dict[str, torch.optim.Optimizer] = {
         "torch_adamw": torch.optim.AdamW(build_param_groups(model), lr=0.0, betas=(0.9, 0.95), eps=1e-8),
         "ast_adamw_lambda0": ASTAdamW(build_param_groups(model), lr=0.0, masks=masks_for(model)),
@@ -91,8 +122,10 @@ def optimizer_breakdown(model: torch.nn.Module, lam: float, reps: int) -> dict[s
     names = list(opts)
     for r in range(reps + 1):  # the first round allocates the state: not timed
         for name in names[r % 3:] + names[:r % 3]:
+            sync(device)
             t0 = time.perf_counter()
             opts[name].step()
+            sync(device)
             if r:
                 times[name].append(time.perf_counter() - t0)
     model.zero_grad(set_to_none=True)
@@ -114,7 +147,9 @@ def main() -> None:
     ap.add_argument("--refresh-every", type=int, default=10)
     ap.add_argument("--lambda-max", type=float, default=1e-4, help="held from step 0 (T0 = 0): decay always on")
     ap.add_argument("--lr", type=float, default=2e-4)
-    ap.add_argument("--data", type=Path, default=C4)
+    ap.add_argument("--data", default=str(C4), help="a C4 jsonl, or 'none' for random token ids")
+    ap.add_argument("--model", default=MODEL, help=f"a model spec, or one of {', '.join(RANDOM_SHAPES)}")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads; 1 by default: on a shared 2-core box, 2 OpenMP threads "
                          "per process oversubscribe and make small ops 10-100x slower")
@@ -124,9 +159,11 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     total = args.warmup + args.steps
-    batches = make_batches(total, args.batch, args.seq_len, args.data)
-
-    base = load_model(MODEL)
+    device = torch.device(args.device)
+    base = build_model(args.model)
+    data = None if args.data == "none" else Path(args.data)
+    batches = [b.to(device) for b in make_batches(total, args.batch, args.seq_len, data, base.config.vocab_size)]
+    base.to(device)
     sparsify(base)
     with torch.no_grad():
         for _, layer in sparse_layers(base):
@@ -160,6 +197,7 @@ def main() -> None:
             if (i + 1) % args.refresh_every == 0:
                 r0 = time.perf_counter()
                 stats = refresh_masks(ast_model, initial)
+                sync(device)
                 if i >= args.warmup:
                     refresh_s.append(time.perf_counter() - r0)
                 flips.append({"step": i + 1, "rate_prev": stats.rate_prev, "rate_init": stats.rate_init})
@@ -190,7 +228,8 @@ def main() -> None:
     from bench.runner import stamp
     result = {
         "stamp": stamp(),
-        "model": MODEL, "batch": args.batch, "seq_len": args.seq_len, "measured_steps": args.steps,
+        "model": args.model, "device": args.device if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "data": "random token ids" if data is None else str(data), "batch": args.batch, "seq_len": args.seq_len, "measured_steps": args.steps,
         "warmup_steps": args.warmup, "refresh_every": args.refresh_every, "lambda": args.lambda_max,
         "second_moment": ast_opt.defaults["second_moment"],
         "plain": {k: summary(v) for k, v in plain.items() if k != "loss"},
