@@ -312,7 +312,8 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         flip = None
         if cfg.adaptive and (step + 1) % cfg.refresh_every == 0:
             flip = last_flip = refresh_masks(student, initial_masks)
-            check_masks_agree(snapshot_masks(student), env, step + 1)
+            if env.enabled:  # one process has nothing to compare against
+                check_masks_agree(snapshot_masks(student), env, step + 1)
 
         elapsed = time.perf_counter() - t_start  # the step itself; validation is not training time
         val = None
