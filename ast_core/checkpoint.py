@@ -24,6 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import sharding
+
 LATEST = "latest"
 
 
@@ -71,16 +73,22 @@ def _fsync_file(path: Path) -> None:
 
 
 def state_dict_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's state_dict with tied tensors written once each (safetensors refuses aliases)."""
+    """The model's state_dict with tied tensors written once each (safetensors refuses aliases).
+
+    Under FSDP the sharded entries are gathered whole (a collective: every rank calls
+    this, in the same order), so the result is what one process would save.
+    """
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for k, v in model.state_dict().items():
-        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        loc = sharding.local(v)
+        key = (loc.untyped_storage().data_ptr(), loc.storage_offset(), tuple(v.shape))
         ptr = hash(key)
         if ptr in seen:
             continue
         seen[ptr] = k
-        out[k] = v.detach().contiguous().clone() if not v.is_contiguous() else v.detach()
+        v = sharding.full(v.detach())
+        out[k] = v.contiguous().clone() if not v.is_contiguous() else v
     return out
 
 
@@ -124,9 +132,13 @@ class Checkpoint:
     extra: dict[str, torch.Tensor]
 
 
-def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+def save_checkpoint(root: Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict,
                     extra: dict[str, torch.Tensor], state: dict[str, Any], keep: int = 2) -> Path:
     """Write ``root/step_{step}`` atomically and point ``root/latest`` at it.
+
+    ``model`` / ``optimizer`` may be given as their already-gathered tensors /
+    state dict (FSDP gathers on every rank; only rank 0 writes).
 
     A write that fails (disk full, permission denied) raises :class:`CheckpointError`
     naming the checkpoint, the cause and the previous checkpoint, which is left intact.
@@ -147,15 +159,16 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module, optimizer: to
     return final
 
 
-def _write_step_dir(root: Path, final: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    extra: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+def _write_step_dir(root: Path, final: Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
+                    optimizer: torch.optim.Optimizer | dict, extra: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     """All files under a temporary name, fsynced, then one rename: never a torn ``step_*``."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
     try:
-        opt_tensors, opt_meta = flatten_optimizer(optimizer.state_dict())
+        opt_tensors, opt_meta = flatten_optimizer(optimizer if isinstance(optimizer, dict)
+                                                  else optimizer.state_dict())
         files = {
-            "model.safetensors": state_dict_tensors(model),
+            "model.safetensors": model if isinstance(model, dict) else state_dict_tensors(model),
             "optim.safetensors": opt_tensors,
             "extra.safetensors": {k: v.detach().contiguous() for k, v in extra.items()},
         }
@@ -244,11 +257,11 @@ def load_model_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
     for k, v in tensors.items():
         if expected[k].shape != v.shape:
             raise CheckpointError(f"{origin}: {k} has shape {tuple(v.shape)}, model expects {tuple(expected[k].shape)}")
-    model.load_state_dict(tensors, strict=False)
+    model.load_state_dict(sharding.shard_model_tensors(model, tensors), strict=False)
 
 
 def _is_alias(model: torch.nn.Module, key: str, tensors: dict[str, torch.Tensor]) -> bool:
-    sd = model.state_dict()
+    sd = {k: sharding.local(v) for k, v in model.state_dict().items()}
     target = sd[key]
     return any(sd[k].untyped_storage().data_ptr() == target.untyped_storage().data_ptr()
                for k in tensors if k in sd)

@@ -24,7 +24,9 @@ must be ``torch.bool`` and the constructor refuses anything else.
 
 The mask tensors are the :class:`~ast_core.sparse.SparseLinear` ``mask``
 buffers themselves; mask refresh updates them in place, so the optimizer sees
-the new masks without being told.
+the new masks without being told. Under FSDP (:mod:`ast_core.sharding`) a
+parameter is a row shard; the update runs on that shard with the same rows of
+the whole mask (a view, so a refresh still reaches it).
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from . import sharding
 from .sparse import sparse_layers
 
 SECOND_MOMENT_MODES = ("gradient", "update")
@@ -102,7 +105,14 @@ class ASTAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                _ast_adamw_update(p, p.grad, state, self.masks.get(p), self._scratch_for(p),
+                mask = self.masks.get(p)
+                if sharding.is_sharded(p):  # FSDP: this rank's rows of p, its state and its mask
+                    mask = None if mask is None else sharding.local_rows(p, mask)
+                    state = {k: sharding.local(v) for k, v in state.items()}
+                    p, grad = p.to_local(), sharding.local(p.grad)
+                else:
+                    grad = p.grad
+                _ast_adamw_update(p, grad, state, mask, self._scratch_for(p),
                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=wd, lam=lam, mode=mode)
         return loss
 

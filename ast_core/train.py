@@ -34,10 +34,11 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import DistEnv, barrier, check_masks_agree, mean_across, my_blocks
-from .checkpoint import (latest_checkpoint, load_checkpoint, load_model_tensors, rng_state,
+from .checkpoint import (latest_checkpoint, load_checkpoint, load_model_tensors, rng_state, state_dict_tensors,
                          save_checkpoint, set_rng_state)
 from .distill import kd_combine, kl_from_targets, kl_full, squarehead_loss
 from .optim import ASTAdamW, ASTSchedule, build_param_groups, masks_for
+from . import sharding
 from .refresh import FlipStats, pruned_kept_ratio, refresh_masks, snapshot_masks
 
 
@@ -62,6 +63,8 @@ class LoopConfig(Protocol):
     lambda_max: float
     t0: int
     refresh_every: int
+    refresh_score: str
+    parallel: str
     second_moment: str
     kd_alpha: float
     temperature: float
@@ -204,7 +207,8 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
           teacher: TeacherSource | None, checkpoint_dir: Path, resume: bool = False,
           on_step: Callable[[StepLog], None] | None = None, progress: bool = True,
           stop_after: int | None = None, val_blocks: np.ndarray | None = None,
-          dist: DistEnv | None = None) -> TrainResult:
+          dist: DistEnv | None = None,
+          refresh_scale: dict[str, torch.Tensor] | None = None) -> TrainResult:
     """Train ``student`` (already sparsified, masks initialised) on ``blocks`` [N, L].
 
     ``val_blocks`` with ``cfg.eval_every > 0``: validation loss/perplexity at
@@ -215,6 +219,11 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     be on its device (inputs follow the student's device). ``cfg.batch_size``
     is the global batch; each rank takes its slice.
 
+    ``refresh_scale``: with ``cfg.refresh_score == "wanda"``, per-layer
+    input-column weights for the mask refresh (sqrt of the mean squared
+    calibration activation, frozen at the initial mask). Saved in every
+    checkpoint; a resume takes them from there.
+
     ``stop_after`` ends the call early after that many steps of this call (used
     to simulate an interruption); the checkpoint logic is the same as a crash.
     """
@@ -224,10 +233,16 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     device = next(student.parameters()).device
     student.train()
     model = student
-    if env.enabled:
+    fsdp = env.enabled and getattr(cfg, "parallel", "ddp") == "fsdp"
+    if fsdp:  # rows of every parameter sharded across ranks; the loop below is unchanged
+        sharding.shard_model(student, device)
+    elif env.enabled:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(student, broadcast_buffers=False,
                                         device_ids=[device] if device.type == "cuda" else None)
+    wanda_refresh = getattr(cfg, "refresh_score", "magnitude") == "wanda"
+    if wanda_refresh and cfg.adaptive and refresh_scale is None and not resume:
+        raise ValueError("refresh_score 'wanda' needs refresh_scale (the calibration column norms)")
     optimizer = make_optimizer(student, cfg)
     schedule = make_schedule(cfg)
     order = BlockOrder(len(blocks), seed)
@@ -238,9 +253,15 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     if resume and (ckpt_path := latest_checkpoint(checkpoint_dir)) is not None:
         ckpt = load_checkpoint(ckpt_path)
         load_model_tensors(student, ckpt.model, str(ckpt_path / "model.safetensors"))
-        optimizer.load_state_dict(ckpt.optimizer)
+        optimizer.load_state_dict(sharding.shard_optimizer_state(ckpt.optimizer, optimizer) if fsdp
+                                  else ckpt.optimizer)
         initial_masks = {k.removeprefix("initial_mask."): v.to(device) for k, v in ckpt.extra.items()
                          if k.startswith("initial_mask.")}
+        refresh_scale = {k.removeprefix("refresh_scale."): v.to(device) for k, v in ckpt.extra.items()
+                         if k.startswith("refresh_scale.")} or None
+        if wanda_refresh and cfg.adaptive and refresh_scale is None:
+            raise ValueError(f"{ckpt_path} holds no refresh column scales: it was trained with "
+                             "magnitude refresh and cannot resume with refresh_score 'wanda'")
         set_rng_state(ckpt.extra)
         start, tokens = ckpt.state["step"], ckpt.state["tokens"]
         history = ckpt.state.get("history", [])
@@ -248,20 +269,26 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
 
     def checkpoint(step: int) -> Path:
         path = checkpoint_dir / f"step_{step:06d}"
+        # FSDP: every rank takes part in gathering the full state; rank 0 writes it
+        weights = state_dict_tensors(student) if fsdp else student
+        opt_state = sharding.full_optimizer_state(optimizer) if fsdp else optimizer
         if env.is_main:  # one writer; the others wait until the checkpoint is complete
             extra = {f"initial_mask.{k}": v for k, v in initial_masks.items()}
+            extra.update({f"refresh_scale.{k}": v for k, v in (refresh_scale or {}).items()})
             extra.update(rng_state())
-            path = save_checkpoint(checkpoint_dir, step, student, optimizer, extra,
+            path = save_checkpoint(checkpoint_dir, step, weights, opt_state, extra,
                                    {"tokens": tokens, "method": cfg.method, "history": history,
                                     "world_size": env.world_size})
         barrier(env)
         return path
 
     eval_every = getattr(cfg, "eval_every", 0)
-    validate = val_blocks is not None and len(val_blocks) > 0 and eval_every > 0 and env.is_main
+    # rank 0 validates and records; under FSDP every rank must run the forward (it gathers weights)
+    validate = (val_blocks is not None and len(val_blocks) > 0 and eval_every > 0 and (env.is_main or fsdp))
     if validate and start == 0:
         v = validation_loss(student, val_blocks)  # the curve's starting point: no training step, no loss
-        history.append({"step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 700.0))})
+        if env.is_main:
+            history.append({"step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 700.0))})
 
     last_good = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
     last_flip: FlipStats | None = None
@@ -278,7 +305,8 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
             ids = my_blocks(order.ids((step * cfg.grad_accum + micro) * cfg.batch_size, cfg.batch_size), env)
             input_ids = torch.from_numpy(blocks[ids].astype(np.int64)).to(device)
             last_micro = micro == cfg.grad_accum - 1
-            sync = model.no_sync() if env.enabled and not last_micro else contextlib.nullcontext()
+            sync = (model.no_sync() if env.enabled and not fsdp and not last_micro
+                    else contextlib.nullcontext())
             with sync:  # DDP: only the last micro-step all-reduces the accumulated gradients
                 out = model(input_ids, output_hidden_states=cfg.squarehead)
                 ce = causal_ce(out.logits, input_ids)
@@ -302,7 +330,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
             tokens += input_ids.numel() * env.world_size
         ce_sum, kl_sum, sq_sum = mean_across([ce_sum, kl_sum, sq_sum], env, device)
 
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip))
+        grad_norm = float(sharding.full(torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)))
         if not math.isfinite(grad_norm):
             raise TrainingDiverged(f"gradient norm is {grad_norm} at step {step + 1}; last good checkpoint: "
                                    f"{last_good or 'none (nothing was written)'}")
@@ -311,7 +339,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
 
         flip = None
         if cfg.adaptive and (step + 1) % cfg.refresh_every == 0:
-            flip = last_flip = refresh_masks(student, initial_masks)
+            flip = last_flip = refresh_masks(student, initial_masks, refresh_scale if wanda_refresh else None)
             if env.enabled:  # one process has nothing to compare against
                 check_masks_agree(snapshot_masks(student), env, step + 1)
 

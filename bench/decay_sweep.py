@@ -108,6 +108,7 @@ def build_report(rows: list[dict[str, Any]], *, cfg: PipelineConfig, params: str
     return {
         "stamp": stamp_, "params": params, "model": cfg.model.student, "command": command,
         "method": cfg.train.method, "budget": budget, "refresh_every": cfg.train.refresh_every,
+        "refresh_score": cfg.train.refresh_score,
         "evaluation": {"seq_len": cfg.evaluate.seq_len, "max_windows": cfg.evaluate.max_windows,
                        "zero_shot": cfg.evaluate.zero_shot.enabled, "val_blocks": cfg.data.val_blocks,
                        "val_seq_len": cfg.data.seq_len, "val_every": cfg.train.eval_every},
@@ -178,7 +179,8 @@ def render_markdown(r: dict[str, Any]) -> str:
         f"{s.get('threads')} threads); params `{r['params']}`.",
         "",
         f"Budget: {b['steps']} steps × {b['batch']}×{b['seq_len']} tokens = {b['tokens']:,} tokens per run, "
-        f"same blocks and order; {r['method']} (KD, no SLoRB), mask refresh every {r['refresh_every']} steps; "
+        f"same blocks and order; {r['method']} (KD, no SLoRB), mask refresh every {r['refresh_every']} steps "
+        f"by {r.get('refresh_score', 'magnitude')} score; "
         "λ(t) ramps to λ_max over T0 steps. λ = 0 is STE + refresh without decay.",
         "",
         f"Evaluation: WikiText-2 test perplexity over {e['max_windows']} windows × {e['seq_len']} tokens; "

@@ -87,6 +87,12 @@ class TrainConfig(_Section):
     lambda_max: float = Field(2e-3, ge=0, le=1.0, description="peak SR-STE decay on masked weights")
     t0_steps: int | None = Field(None, ge=0, description="steps to reach lambda_max; default 25% of steps")
     refresh_every: int = Field(10, ge=1)
+    # magnitude: the paper (tuned for 10k+ steps); wanda: |W|·‖x‖ with the calibration norms
+    # frozen at the initial mask, so short runs keep their Wanda mask (bench/notes/ladder.md)
+    refresh_score: Literal["magnitude", "wanda"] = "magnitude"
+    # under torchrun: ddp replicates the student on every rank; fsdp shards parameters and
+    # optimizer state by rows (FSDP2), for students that do not fit one device
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     second_moment: Literal["gradient", "update"] = Field(
         "gradient", description="AST-AdamW v tracks (g + decay)^2 (AdamW at lambda=0) or u^2 = (m + decay)^2")
     kd_alpha: float = Field(0.67, ge=0, le=1)

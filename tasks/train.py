@@ -46,9 +46,12 @@ def _calib_batches(ctx: RunContext, batch: int = 4) -> list[torch.Tensor]:
     return [torch.from_numpy(calib[i:i + batch].astype(np.int64)) for i in range(0, len(calib), batch)]
 
 
-def init_masks(model: torch.nn.Module, how: str, calib: list[torch.Tensor]) -> None:
-    """Initial N:M mask: Wanda score from calibration activations, or magnitude."""
-    stats = collect_act_sq_mean(model, calib) if how == "wanda" else {}
+def init_masks(model: torch.nn.Module, how: str, calib: list[torch.Tensor],
+               stats: dict[str, torch.Tensor] | None = None) -> None:
+    """Initial N:M mask: Wanda score from calibration activations, or magnitude.
+    ``stats``: the activation statistics when the caller already collected them."""
+    if how == "wanda" and stats is None:
+        stats = collect_act_sq_mean(model, calib)
     for name, layer in sparse_layers(model):
         score = wanda_score(layer.weight, stats[name]) if how == "wanda" else magnitude_score(layer.weight)
         layer.set_mask(nm_mask(score, layer.n, layer.m))
@@ -90,8 +93,14 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
     if method.startswith("oneshot-"):
         info.update(oneshot_prune(model, method.removeprefix("oneshot-"), _calib_batches(ctx)))
     elif method != "dense":
-        if not resuming:
-            init_masks(model, c.sparsity.init_mask, _calib_batches(ctx))
+        refresh_scale = None
+        if not resuming:  # a resume takes its masks and refresh scales from the checkpoint
+            wanda_refresh = c.train.adaptive and c.train.refresh_score == "wanda"
+            stats = (collect_act_sq_mean(model, _calib_batches(ctx))
+                     if c.sparsity.init_mask == "wanda" or wanda_refresh else None)
+            init_masks(model, c.sparsity.init_mask, [], stats)
+            if wanda_refresh:
+                refresh_scale = {name: s.sqrt() for name, s in stats.items()}
         if method == "ast-boosted":
             info["slorb_params"] = add_slorb(model, c.train.slorb_group, c.train.slorb_trainable_projection)
         teacher = None
@@ -104,8 +113,13 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         model.to(device)
         result = train(model, load_blocks(ctx, "train"), c.train, seed=c.seed, teacher=teacher,
                        checkpoint_dir=ckpt_dir, resume=resuming, on_step=on_step, progress=ctx.progress,
-                       stop_after=stop_after, val_blocks=val, dist=env)
-        model.to("cpu")
+                       stop_after=stop_after, val_blocks=val, dist=env,
+                       refresh_scale=refresh_scale)
+        weights = None
+        if env.enabled and c.train.parallel == "fsdp":  # every rank helps gather the full weights
+            weights = {k: v.cpu() for k, v in state_dict_tensors(model).items()}
+        else:
+            model.to("cpu")
         if not env.is_main:  # rank 0 writes the stage's outputs; the others wait for them
             distributed.barrier(env)
             return ctx.done("train") or {}
@@ -117,7 +131,9 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         info.update(tokens_trained=result.tokens, steps=result.steps, resumed_from=result.resumed_from,
                     flip_rate_final=result.last_flip.rate_prev if result.last_flip else 0.0,
                     flip_rate_init_final=result.last_flip.rate_init if result.last_flip else 0.0)
-    save_final(ctx, model, info)
+        save_final(ctx, weights if weights is not None else model, info)
+    else:
+        save_final(ctx, model, info)
     ctx.mark_done("train", fp, **info)
     distributed.barrier(env)
     return ctx.done("train")
@@ -159,12 +175,13 @@ def fingerprint_for(teacher: str, tokenizer: str, data: str, c) -> dict:
                              temperature=c.train.temperature, seed=c.seed)
 
 
-def save_final(ctx: RunContext, model: torch.nn.Module, info: dict) -> None:
+def save_final(ctx: RunContext, model: torch.nn.Module | dict[str, torch.Tensor], info: dict) -> None:
+    """``final/model.safetensors`` from the model, or from its already-gathered tensors (FSDP)."""
     c = ctx.cfg
     final = ctx.stage_dir("train") / "final"
     final.mkdir(parents=True, exist_ok=True)
     tmp = final / ".model.safetensors.tmp"
-    save_file(state_dict_tensors(model), str(tmp))
+    save_file(model if isinstance(model, dict) else state_dict_tensors(model), str(tmp))
     tmp.replace(final / "model.safetensors")
     meta = {"student": c.model.student, "dtype": c.model.dtype, "seed": c.seed, "method": c.train.method,
             "n": c.sparsity.n, "m": c.sparsity.m, "exclude": c.sparsity.exclude,

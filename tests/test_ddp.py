@@ -4,7 +4,9 @@ Two ranks each take half of every global batch, read only their blocks of the
 teacher cache, and average gradients; the loss trajectory must match the
 single-process run within float tolerance, the masks must be identical on both
 ranks (and to the single-process masks), and a run interrupted and resumed
-under DDP must end bitwise where the uninterrupted DDP run ends.
+under DDP must end bitwise where the uninterrupted DDP run ends. The same holds
+with ``train.parallel: fsdp`` (parameters and optimizer state sharded by rows),
+whose checkpoints are full state dicts that one process resumes from.
 """
 
 from __future__ import annotations
@@ -72,13 +74,17 @@ def _masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.endswith(".mask")}
 
 
+def _cache(tmp_path: Path):  # type: ignore[no-untyped-def]
+    fp = fingerprint(teacher="t", tokenizer="x", data="d", seq_len=16, fmt="topk", k=64, samples=0,
+                     temperature=CFG.temperature, seed=SEED)
+    return build_cache(tmp_path / "cache", teacher(), blocks(), fp, batch_size=4, progress=False)
+
+
 @pytest.mark.slow
 @pytest.mark.ci
 def test_two_process_ddp_matches_one_process_and_resumes(tmp_path: Path) -> None:
     data = blocks()
-    fp = fingerprint(teacher="t", tokenizer="x", data="d", seq_len=16, fmt="topk", k=64, samples=0,
-                     temperature=CFG.temperature, seed=SEED)
-    cache = build_cache(tmp_path / "cache", teacher(), data, fp, batch_size=4, progress=False)
+    cache = _cache(tmp_path)
 
     single = student()
     ref = train(single, data, CFG, seed=SEED, teacher=CachedTeacher(cache), checkpoint_dir=tmp_path / "single",
@@ -90,6 +96,7 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path: Path) -> None
     runs = {name: [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in (0, 1)]
             for name in ("ddp", "ddp_resumed")}
     r0, r1 = runs["ddp"]
+    assert r0["sharded"] == []  # DDP replicates
     # rank-disjoint cache reads: per step the two ranks' blocks are disjoint halves of the global batch
     assert len(r0["read"]) == len(r1["read"]) == CFG.steps
     from ast_core.train import BlockOrder
@@ -167,3 +174,58 @@ def test_other_stages_refuse_to_run_under_torchrun(monkeypatch: pytest.MonkeyPat
     code = main(["stage", "prepare", "--params", str(REPO / "params" / "tiny.yaml"), "--out", str(tmp_path / "x")])
     assert code == 2 and "only `stage train` runs under torchrun" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.ci
+def test_two_process_fsdp_matches_one_process_and_resumes_at_any_world_size(tmp_path: Path) -> None:
+    from ast_core.checkpoint import latest_checkpoint, load_checkpoint
+    data = blocks()
+    cache = _cache(tmp_path)
+    single = student()
+    ref = train(single, data, CFG, seed=SEED, teacher=CachedTeacher(cache), checkpoint_dir=tmp_path / "single",
+                progress=False)
+    _torchrun(tmp_path / "fsdp", tmp_path / "cache", "--fsdp")
+    _torchrun(tmp_path / "fsdp_resumed", tmp_path / "cache", "--fsdp", "--interrupt-at", "3")
+
+    r0, r1 = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    # every parameter was a row shard, the sparse weights included
+    assert len(r0["sharded"]) == len(list(single.parameters())) and any(".mlp." in n for n in r0["sharded"])
+    losses = [h["loss"] for h in r0["history"] if "loss" in h]
+    assert losses == pytest.approx([h["loss"] for h in ref.history if "loss" in h], rel=1e-4, abs=1e-5)
+    assert [h["loss"] for h in r1["history"]] == [h["loss"] for h in r0["history"]]
+    assert any(h.get("flip_rate_init", 0) > 0 for h in r0["history"])  # the masks did adapt
+
+    ranks = [load_file(str(tmp_path / "fsdp" / f"rank{r}.safetensors")) for r in (0, 1)]
+    one = state_dict_tensors(single)
+    assert ranks[0].keys() == one.keys()  # gathered whole, tied weights once, as one process saves
+    for k, v in ranks[0].items():
+        assert torch.equal(v, ranks[1][k]), k  # both ranks gathered the same full model
+        assert v.shape == one[k].shape, k
+        if k.endswith(".mask"):
+            assert torch.equal(v, one[k]), k  # the sharded decay + gathered refresh pick the same masks
+        else:
+            assert torch.allclose(v.float(), one[k].float(), rtol=1e-4, atol=1e-5), k
+
+    # interrupted at step 3 and resumed under FSDP from step 2: bitwise the uninterrupted FSDP run
+    assert json.loads((tmp_path / "fsdp_resumed" / "rank0.json").read_text())["resumed_from"] == 2
+    for r in (0, 1):
+        resumed = load_file(str(tmp_path / "fsdp_resumed" / f"rank{r}.safetensors"))
+        for k, v in ranks[0].items():
+            assert torch.equal(v, resumed[k]), k
+
+    # the FSDP checkpoint is a full state dict (weights and optimizer state at full shape):
+    # one process resumes from its step-4 checkpoint and finishes where the FSDP run did
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "fsdp" / "checkpoints"))
+    assert ckpt.state["world_size"] == 2 and ckpt.state["step"] == 6
+    mid = tmp_path / "mid"
+    mid.mkdir()
+    import shutil
+    shutil.copytree(tmp_path / "fsdp" / "checkpoints" / "step_000004", mid / "step_000004")
+    (mid / "latest").write_text("step_000004\n")
+    one_proc = student()
+    res = train(one_proc, data, CFG, seed=SEED, teacher=CachedTeacher(cache), checkpoint_dir=mid,
+                resume=True, progress=False)
+    assert res.resumed_from == 4
+    for k, v in state_dict_tensors(one_proc).items():
+        assert torch.allclose(v.float(), ranks[0][k].float(), rtol=1e-4, atol=1e-5), k

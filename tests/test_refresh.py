@@ -172,3 +172,31 @@ def test_refresh_after_training_keeps_exact_2_4_in_the_optimizer_buffers():
         assert opt.masks[layer.weight] is layer.mask
     assert sum(p for p, _ in stats.per_layer.values()) == stats.changed_prev
     assert stats.changed_prev == stats.changed_init > 0  # first refresh after training: prev == initial
+
+
+@pytest.mark.parametrize("n,m", [(2, 4), (2, 8), (1, 4)])
+def test_column_scaled_refresh_equals_the_wanda_mask(n: int, m: int):
+    """The refresh with frozen column norms picks exactly nm_mask(wanda_score(W, x²))."""
+    from ast_core.masks import wanda_score
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 32, generator=g)
+    act_sq = torch.rand(32, generator=g) * 5
+    expected = nm_mask(wanda_score(w, act_sq), n, m)
+    assert torch.equal(magnitude_nm_mask(w, n, m, act_sq.sqrt()), expected)
+    assert not torch.equal(expected, nm_mask(w.abs(), n, m))  # the scale matters on this draw
+
+
+def test_column_scaled_refresh_differs_from_magnitude_and_checks_its_input():
+    model = _model()
+    layer = model.up
+    # column 2 of every group gets a large activation norm: Wanda keeps it instead of column 1
+    scale = {name: torch.ones(l.weight.shape[1]) for name, l in sparse_layers(model)}
+    scale["up"] = torch.tensor([1.0, 1.0, 10.0, 1.0]).repeat(layer.weight.shape[1] // 4)
+    stats = refresh_masks(model, snapshot_masks(model), scale)
+    assert stats.per_layer["down"] == (0, 0)
+    assert stats.per_layer["up"][0] == 2 * layer.weight.numel() // 4  # one swap (2 bits) per group
+    assert bool(layer.mask[:, 2::4].all()) and not bool(layer.mask[:, 1::4].any())
+    with pytest.raises(KeyError, match="down"):
+        refresh_masks(model, None, {"up": scale["up"]})
+    with pytest.raises(ValueError, match="column scale has shape"):
+        magnitude_nm_mask(layer.weight, 2, 4, torch.ones(3))

@@ -146,3 +146,44 @@ def test_validation_curve_is_recorded_and_does_not_change_training(tmp_path: Pat
         by_hand = float(causal_ce(watched(ids).logits, ids))
     assert validation_loss(watched, val, batch_size=2) == pytest.approx(by_hand, rel=1e-5)
     assert points[-1][2] == pytest.approx(float(np.exp(by_hand)), rel=1e-5)
+
+
+def _wanda_scale(model: torch.nn.Module, blocks: np.ndarray) -> dict[str, torch.Tensor]:
+    from ast_core.calibration import collect_act_sq_mean
+    stats = collect_act_sq_mean(model, [torch.from_numpy(blocks[:4].astype(np.int64))])
+    return {name: s.sqrt() for name, s in stats.items()}
+
+
+def test_wanda_scored_refresh_uses_the_frozen_scales_and_resumes_bitwise(tmp_path: Path, blocks, teacher) -> None:
+    """refresh_score='wanda' refreshes by |W|·scale (not magnitude) and a resume takes the
+    scales from the checkpoint: the interrupted run ends where the uninterrupted one does."""
+    from ast_core.refresh import magnitude_nm_mask
+    cfg = _cfg(method="ast-naive", refresh_score="wanda", lr=3e-2)
+    full = _student(boosted=False)
+    scale = _wanda_scale(full, blocks)
+    with pytest.raises(ValueError, match="needs refresh_scale"):
+        train(_student(boosted=False), blocks, cfg, seed=0, teacher=OnlineTeacher(teacher),
+              checkpoint_dir=tmp_path / "x", progress=False)
+    train(full, blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "a",
+          progress=False, refresh_scale=scale)
+    # steps == 6 and refresh_every == 2: the final mask is the Wanda-scored mask of the final weights
+    for name, layer in sparse_layers(full):
+        assert torch.equal(layer.mask, magnitude_nm_mask(layer.weight, 2, 4, scale[name])), name
+    assert any(not torch.equal(l.mask, nm_mask(l.weight.abs())) for _, l in sparse_layers(full))
+
+    part = _student(boosted=False)
+    train(part, blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "b",
+          progress=False, stop_after=3, refresh_scale=scale)
+    resumed = _student(boosted=False)  # no scale passed: the checkpoint holds it
+    train(resumed, blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "b",
+          resume=True, progress=False)
+    a, b = _final_state(full), _final_state(resumed)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+    # a magnitude-refresh checkpoint cannot silently resume as a Wanda-refresh run
+    train(_student(boosted=False), blocks, _cfg(method="ast-naive"), seed=0, teacher=OnlineTeacher(teacher),
+          checkpoint_dir=tmp_path / "c", progress=False, stop_after=2)
+    with pytest.raises(ValueError, match="no refresh column scales"):
+        train(_student(boosted=False), blocks, cfg, seed=0, teacher=OnlineTeacher(teacher),
+              checkpoint_dir=tmp_path / "c", resume=True, progress=False)

@@ -1,14 +1,16 @@
 """One rank of a tiny AST run under ``torchrun`` (gloo, CPU), for tests/test_ddp.py.
 
     python -m torch.distributed.run --standalone --nproc_per_node=2 tests/support/ddp_worker.py \
-        OUT CACHE [--interrupt-at N]
+        OUT CACHE [--interrupt-at N] [--fsdp]
 
 Trains the same tiny student as the single-process reference in the test, at the
 same *global* batch, distilling from the teacher cache at CACHE. Every rank
 writes ``OUT/rank{R}.safetensors`` (its final weights and masks) and
 ``OUT/rank{R}.json`` (the block ids it read from the cache, its history);
 ``--interrupt-at N`` stops after N steps and resumes from the last checkpoint
-in the same process, as a restarted job would.
+in the same process, as a restarted job would. ``--fsdp`` shards the student
+(``train.parallel: fsdp``) instead of replicating it; the saved files are then
+the gathered full weights, the same on every rank.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-from ast_core import distributed  # noqa: E402
+from ast_core import distributed, sharding  # noqa: E402
 from ast_core.checkpoint import state_dict_tensors  # noqa: E402
 from ast_core.distributed import DistEnv  # noqa: E402
 from ast_core.teacher_cache import TeacherCache  # noqa: E402
@@ -53,7 +55,9 @@ def main() -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("cache", type=Path)
     ap.add_argument("--interrupt-at", type=int, default=None)
+    ap.add_argument("--fsdp", action="store_true")
     args = ap.parse_args()
+    cfg = CFG.model_copy(update={"parallel": "fsdp"}) if args.fsdp else CFG
     torch.set_num_threads(1)
     env = DistEnv.from_env()
     distributed.init(env, torch.device("cpu"))
@@ -61,16 +65,17 @@ def main() -> int:
     ckpt = args.out / "checkpoints"
     model = student()
     if args.interrupt_at:
-        train(model, blocks(), CFG, seed=SEED, teacher=teacher, checkpoint_dir=ckpt, progress=False,
+        train(model, blocks(), cfg, seed=SEED, teacher=teacher, checkpoint_dir=ckpt, progress=False,
               dist=env, stop_after=args.interrupt_at)
         model = student()  # a restarted job: fresh process state, weights from the checkpoint
-    result = train(model, blocks(), CFG, seed=SEED, teacher=teacher, checkpoint_dir=ckpt, progress=False,
+    result = train(model, blocks(), cfg, seed=SEED, teacher=teacher, checkpoint_dir=ckpt, progress=False,
                    dist=env, resume=bool(args.interrupt_at))
     args.out.mkdir(parents=True, exist_ok=True)
     save_file(state_dict_tensors(model), str(args.out / f"rank{env.rank}.safetensors"))
     (args.out / f"rank{env.rank}.json").write_text(json.dumps({
         "rank": env.rank, "world": env.world_size, "read": teacher.read, "history": result.history,
-        "resumed_from": result.resumed_from}))
+        "resumed_from": result.resumed_from,
+        "sharded": [name for name, p in model.named_parameters() if sharding.is_sharded(p)]}))
     distributed.shutdown()
     return 0
 
