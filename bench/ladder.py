@@ -82,6 +82,18 @@ def budget_overrides(cfg: PipelineConfig, steps: int) -> list[str]:
     return out
 
 
+def budget_config(params: str, steps: int, settings: list[str],
+                  overrides: list[str]) -> tuple[list[str], PipelineConfig]:
+    """The overrides every variant of a bench shares, and the config they give.
+
+    Order: the step budget (computed from the preset with the user's overrides),
+    then the bench's own ``settings``, then the user's ``overrides`` again so
+    that they win. Raises :class:`ConfigError` for a bad value.
+    """
+    base = [*budget_overrides(load_config(params, overrides), steps), *settings, *overrides]
+    return base, load_config(params, base)
+
+
 def budget_of(cfg: PipelineConfig) -> dict[str, int]:
     """Steps, blocks per step, block length and tokens per trained method."""
     t = cfg.train
@@ -301,9 +313,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     params = resolve_params(args.params)
     try:
-        cfg0 = load_config(params, args.overrides)
-        base = [*budget_overrides(cfg0, args.steps), f"train.t0_steps={args.steps // 4}", *args.overrides]
-        cfg = load_config(params, base)
+        base, cfg = budget_config(params, args.steps, [f"train.t0_steps={args.steps // 4}"], args.overrides)
     except ConfigError as err:
         return fail(err)
     chosen = variants(args.only)

@@ -43,24 +43,6 @@ from ast_core.sparse import sparse_layers, sparsify  # noqa: E402
 MODEL = "embedded:smollm2-135m"
 # Random-weight stand-ins with real shapes, for machines without the embedded copy (a GPU box):
 # step time depends on the shapes, not the values.
-RANDOM_SHAPES = {
-    "random:smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                                num_attention_heads=9, num_key_value_heads=3, vocab_size=49152,
-                                tie_word_embeddings=True),
-    "random:llama-1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                              num_attention_heads=32, num_key_value_heads=4, vocab_size=32000,
-                              tie_word_embeddings=False),
-}
-
-
-def build_model(spec: str) -> torch.nn.Module:
-    if spec in RANDOM_SHAPES:
-        from transformers import AutoConfig, AutoModelForCausalLM
-        cfg = AutoConfig.for_model("llama", max_position_embeddings=4096, **RANDOM_SHAPES[spec])
-        return AutoModelForCausalLM.from_config(cfg)
-    return load_model(spec)
-
-
 def sync(device: torch.device) -> None:
     """Wait for queued GPU work, so wall-clock timers measure it."""
     if device.type == "cuda":
@@ -148,7 +130,8 @@ def main() -> None:
     ap.add_argument("--lambda-max", type=float, default=1e-4, help="held from step 0 (T0 = 0): decay always on")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--data", default=str(C4), help="a C4 jsonl, or 'none' for random token ids")
-    ap.add_argument("--model", default=MODEL, help=f"a model spec, or one of {', '.join(RANDOM_SHAPES)}")
+    ap.add_argument("--model", default=MODEL, help="a model spec (random:smollm2-135m or random:llama-1.1b: "
+                    "those shapes with random weights, for a machine without the real weights)")
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads; 1 by default: on a shared 2-core box, 2 OpenMP threads "
@@ -160,7 +143,7 @@ def main() -> None:
     torch.manual_seed(0)
     total = args.warmup + args.steps
     device = torch.device(args.device)
-    base = build_model(args.model)
+    base = load_model(args.model)
     data = None if args.data == "none" else Path(args.data)
     batches = [b.to(device) for b in make_batches(total, args.batch, args.seq_len, data, base.config.vocab_size)]
     base.to(device)

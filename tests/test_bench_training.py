@@ -267,3 +267,13 @@ def test_plotting_save_is_atomic_and_handles_empty_series(tmp_path: Path) -> Non
     assert_png(path)
     assert sorted(p.name for p in path.parent.iterdir()) == ["empty.png"]  # no temporary file left behind
     assert_png(plotting.bar_plot(tmp_path / "bars.png", ["a", "b"], [3.0, None], title="t", ylabel="y", logy=True))
+
+
+def test_budget_config_sets_the_budget_and_lets_the_user_override_the_bench() -> None:
+    base, cfg = ladder.budget_config(TINY, 6, ["train.t0_steps=1", "train.method=ast-naive"],
+                                     ["train.t0_steps=3", "train.batch_size=2"])
+    assert cfg.train.steps == 6 and cfg.train.t0_steps == 3 and cfg.train.method == "ast-naive"
+    assert cfg.data.max_train_blocks == 6 * 2 * cfg.train.grad_accum  # from the user's batch size, one epoch
+    assert base.index("train.t0_steps=1") < base.index("train.t0_steps=3")
+    with pytest.raises(ladder.ConfigError, match="train.lr"):
+        ladder.budget_config(TINY, 6, [], ["train.lr=-1"])

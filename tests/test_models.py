@@ -77,3 +77,18 @@ def test_the_suite_refuses_network_connections() -> None:
             s.connect(("93.184.216.34", 443))
     finally:
         s.close()
+
+
+def test_random_specs_have_the_real_shapes_and_no_tokenizer() -> None:
+    from ast_core.models import RANDOM_CONFIGS
+    model = load_model("random:smollm2-135m", seed=3)
+    n = sum(p.numel() for p in model.parameters())
+    assert 134_000_000 < n < 135_000_000  # SmolLM2-135M: 134.5M parameters (tied embeddings)
+    assert model.config.hidden_size == RANDOM_CONFIGS["smollm2-135m"]["hidden_size"] == 576
+    again = load_model("random:smollm2-135m", seed=3)
+    w = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(model.state_dict()[w], again.state_dict()[w])  # seeded
+    with pytest.raises(ModelSpecError, match="only for timing"):
+        load_tokenizer("random:smollm2-135m")
+    with pytest.raises(ModelSpecError, match="random:llama-1.1b"):
+        load_model("random:gpt5")

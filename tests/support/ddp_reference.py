@@ -21,12 +21,15 @@ def blocks() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 2000, size=(16, 16)).astype(np.uint16)
 
 
-def student() -> torch.nn.Module:
+def student(slorb: bool = True) -> torch.nn.Module:
+    """The tiny sparse student (magnitude 2:4 masks; SLoRB k = 16 unless ``slorb=False``),
+    also the one tests/support/train_worker.py kills and resumes."""
     model = load_model("tiny:llama", seed=SEED)
     sparsify(model)
     for _, layer in sparse_layers(model):
         layer.set_mask(nm_mask(magnitude_score(layer.weight)))
-    add_slorb(model, 16)
+    if slorb:
+        add_slorb(model, 16)
     return model
 
 

@@ -36,16 +36,16 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ast_core.checkpoint as ckpt_mod  # noqa: E402
 import ast_core.train as train_mod  # noqa: E402
-from ast_core.masks import magnitude_score, nm_mask  # noqa: E402
 from ast_core.models import _embedded_vocab_size, load_model  # noqa: E402
-from ast_core.sparse import sparse_layers, sparsify  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
+from tests.support.ddp_reference import student as tiny_student  # noqa: E402
 
 SEED = 0
 
@@ -62,11 +62,7 @@ def blocks() -> np.ndarray:
 
 
 def student() -> torch.nn.Module:
-    model = load_model("tiny:llama", seed=SEED)
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
-    return model
+    return tiny_student(slorb=False)
 
 
 def _say(msg: str) -> None:
