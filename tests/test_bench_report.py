@@ -257,7 +257,7 @@ def test_cache_formats_train_plan_shares_only_the_base_cache() -> None:
     assert "train.warmup_steps=2" in base_overrides(2, 4, 10)  # a warm-up longer than the run is shortened
     quick = {v.name: v for v in train_variants(str(REPO / "params/smollm2-quick.yaml"), base)}
     assert quick["online"].overrides == ["teacher_cache.enabled=false"]
-    assert [n for n, v in quick.items() if v.share_cache] == ["topk-64"]  # the preset's cache: topk k=64
+    assert [n for n, v in quick.items() if v.share_cache] == ["sampled-256"]  # the preset's cache
     assert "teacher_cache.format=head+sampled" in quick["head32+sampled64"].overrides
     tiny = train_variants(str(REPO / "params/tiny.yaml"), base_overrides(2, 4, 2))  # tiny caches topk k=16
     assert not any(v.share_cache for v in tiny)
