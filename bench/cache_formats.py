@@ -249,6 +249,17 @@ def train_variants(params: str, base: list[str]) -> list[Variant]:
     return out
 
 
+def select(variants: list[Variant], only: list[str] | None) -> list[Variant]:
+    """The formats named in ``only`` (all when empty), always with the online reference:
+    every ratio is against it."""
+    if not only:
+        return variants
+    unknown = set(only) - {v.name for v in variants}
+    if unknown:
+        raise ValueError(f"unknown cache format(s) {sorted(unknown)}; known: {[v.name for v in variants]}")
+    return [v for v in variants if v.name == "online" or v.name in only]
+
+
 def median_step_s(history: list[dict], tokens_per_step: int, skip: int = SKIP_STEPS) -> float | None:
     """Median seconds per training step from the log's ``tokens_per_s`` (the first ``skip`` steps left out)."""
     rates = [h["tokens_per_s"] for h in history if "tokens_per_s" in h and h.get("step", 0) > skip]
@@ -263,9 +274,7 @@ def run_train(args: argparse.Namespace) -> dict:
     preset = load_config(args.params).train
     base = base_overrides(args.steps, preset.batch_size * preset.grad_accum, preset.warmup_steps)
     cfg = load_config(args.params, base)
-    variants = train_variants(args.params, base)
-    if args.only:  # a subset (the online reference always runs: every ratio is against it)
-        variants = [v for v in variants if v.name == "online" or v.name in args.only]
+    variants = select(train_variants(args.params, base), args.only)
     root = Path(args.work_dir) if args.work_dir else WORK / "cache_formats" / f"{cfg.name}-{args.steps}steps"
     tokens_per_step = cfg.train.batch_size * cfg.train.grad_accum * cfg.data.seq_len
     start = time.perf_counter()

@@ -263,6 +263,15 @@ def test_cache_formats_train_plan_shares_only_the_base_cache() -> None:
     assert not any(v.share_cache for v in tiny)
 
 
+def test_cache_formats_only_keeps_the_online_reference_and_refuses_unknown_names() -> None:
+    from bench.cache_formats import base_overrides, select, train_variants
+    every = train_variants(str(REPO / "params/smollm2-quick.yaml"), base_overrides(40, 4, 10))
+    assert select(every, None) == every and select(every, []) == every
+    assert [v.name for v in select(every, ["topk-64", "sampled-256"])] == ["online", "topk-64", "sampled-256"]
+    with pytest.raises(ValueError, match="topk-7"):
+        select(every, ["topk-7"])
+
+
 def test_median_step_time_skips_the_first_steps() -> None:
     from bench.cache_formats import median_step_s
     hist = [{"step": 1, "tokens_per_s": 1.0}, {"step": 2, "tokens_per_s": 2.0}, {"step": 3, "tokens_per_s": 100.0},
