@@ -132,7 +132,7 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
                     flip_rate_final=result.last_flip.rate_prev if result.last_flip else 0.0,
                     flip_rate_init_final=result.last_flip.rate_init if result.last_flip else 0.0)
         save_final(ctx, weights if weights is not None else model, info)
-    else:
+    if method == "dense" or method.startswith("oneshot-"):  # nothing trained: the model as it stands
         save_final(ctx, model, info)
     ctx.mark_done("train", fp, **info)
     distributed.barrier(env)
