@@ -69,18 +69,14 @@ def resolve_spec(spec: str) -> ResolvedSpec:
             raise ModelSpecError(f"unknown embedded model {name!r} in {spec!r}; "
                                  f"available: embedded:{embedded.EMBEDDED_NAME}")
         return ResolvedSpec("embedded", str(embedded.converted_dir()))
-    if spec.startswith("tiny:"):
-        arch = spec.split(":", 1)[1]
-        if arch not in TINY_CONFIGS:
-            raise ModelSpecError(f"unknown tiny architecture {arch!r} in {spec!r}; "
-                                 f"available: {', '.join('tiny:' + a for a in TINY_CONFIGS)}")
-        return ResolvedSpec("tiny", arch)
-    if spec.startswith("random:"):
-        name = spec.split(":", 1)[1]
-        if name not in RANDOM_CONFIGS:
-            raise ModelSpecError(f"unknown random-weight model {name!r} in {spec!r}; "
-                                 f"available: {', '.join('random:' + n for n in RANDOM_CONFIGS)}")
-        return ResolvedSpec("random", name)
+    for kind, known, what in (("tiny", TINY_CONFIGS, "tiny architecture"),
+                              ("random", RANDOM_CONFIGS, "random-weight model")):
+        if spec.startswith(kind + ":"):
+            name = spec.split(":", 1)[1]
+            if name not in known:
+                raise ModelSpecError(f"unknown {what} {name!r} in {spec!r}; "
+                                     f"available: {', '.join(f'{kind}:{n}' for n in known)}")
+            return ResolvedSpec(kind, name)
     path = Path(spec).expanduser()
     if spec.endswith(".gguf"):
         if not path.is_file():

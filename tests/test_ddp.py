@@ -74,21 +74,23 @@ def _masks(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if k.endswith(".mask")}
 
 
-def _cache(tmp_path: Path):  # type: ignore[no-untyped-def]
+def _single_process_reference(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """The teacher cache at ``tmp_path/cache`` and the one-process run the ranks must match:
+    (blocks, cache, trained student, its TrainResult)."""
+    data = blocks()
     fp = fingerprint(teacher="t", tokenizer="x", data="d", seq_len=16, fmt="topk", k=64, samples=0,
                      temperature=CFG.temperature, seed=SEED)
-    return build_cache(tmp_path / "cache", teacher(), blocks(), fp, batch_size=4, progress=False)
+    cache = build_cache(tmp_path / "cache", teacher(), data, fp, batch_size=4, progress=False)
+    single = student()
+    ref = train(single, data, CFG, seed=SEED, teacher=CachedTeacher(cache), checkpoint_dir=tmp_path / "single",
+                progress=False)
+    return data, cache, single, ref
 
 
 @pytest.mark.slow
 @pytest.mark.ci
 def test_two_process_ddp_matches_one_process_and_resumes(tmp_path: Path) -> None:
-    data = blocks()
-    cache = _cache(tmp_path)
-
-    single = student()
-    ref = train(single, data, CFG, seed=SEED, teacher=CachedTeacher(cache), checkpoint_dir=tmp_path / "single",
-                progress=False)
+    data, cache, single, ref = _single_process_reference(tmp_path)
 
     _torchrun(tmp_path / "ddp", tmp_path / "cache")
     _torchrun(tmp_path / "ddp_resumed", tmp_path / "cache", "--interrupt-at", "3")
@@ -189,11 +191,7 @@ def test_other_stages_refuse_to_run_under_torchrun(monkeypatch: pytest.MonkeyPat
 @pytest.mark.ci
 def test_two_process_fsdp_matches_one_process_and_resumes_at_any_world_size(tmp_path: Path) -> None:
     from ast_core.checkpoint import latest_checkpoint, load_checkpoint
-    data = blocks()
-    cache = _cache(tmp_path)
-    single = student()
-    ref = train(single, data, CFG, seed=SEED, teacher=CachedTeacher(cache), checkpoint_dir=tmp_path / "single",
-                progress=False)
+    data, cache, single, ref = _single_process_reference(tmp_path)
     _torchrun(tmp_path / "fsdp", tmp_path / "cache", "--fsdp")
     _torchrun(tmp_path / "fsdp_resumed", tmp_path / "cache", "--fsdp", "--interrupt-at", "3")
 
