@@ -37,6 +37,7 @@ if str(REPO) not in sys.path:
 
 from ast_core.checkpoint import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
+from bench.labels import cache_label  # noqa: E402
 from bench.runner import RESULTS, WORK, Variant, VariantResult, run_all, stamp, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
@@ -192,7 +193,7 @@ def build_report(runs: dict[str, dict[str, Any]], *, cfg: PipelineConfig, params
                        "val_blocks": cfg.data.val_blocks, "val_seq_len": cfg.data.seq_len,
                        "val_every": cfg.train.eval_every},
         "teacher_cache": {"enabled": cfg.teacher_cache.enabled, "format": cfg.teacher_cache.format,
-                          "k": cfg.teacher_cache.k},
+                          "k": cfg.teacher_cache.k, "samples": cfg.teacher_cache.samples},
         "rows": ladder_rows(runs, budget["steps"]),
         "curves": {name: curve(r.get("history", [])) for name, r in runs.items() if name in CURVE_METHODS},
         "wall_s": wall_s,
@@ -207,7 +208,7 @@ def _fmt(v: float | None, spec: str) -> str:
 
 def budget_line(r: dict[str, Any]) -> str:
     b, e, tc = r["budget"], r["evaluation"], r["teacher_cache"]
-    kd = f"teacher cache {tc['format']} k={tc['k']}" if tc["enabled"] else "online teacher"
+    kd = f"teacher cache {cache_label(tc)}" if tc["enabled"] else "online teacher"
     return (f"Budget: every trained method {b['steps']} steps × {b['batch']}×{b['seq_len']} tokens = "
             f"{b['tokens']:,} tokens (same blocks, same order, seed fixed; KD from the {kd}); "
             f"validation perplexity on {e['val_blocks']}×{e['val_seq_len']} held-out tokens every "

@@ -26,6 +26,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.labels import cache_label  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 NOTES = REPO / "bench" / "notes"
 OUT = REPO / "docs" / "RESULTS.md"
@@ -121,7 +125,7 @@ def render_ladder(d: dict, image: Callable[[str, str], str]) -> Body:
     b, rows = d["budget"], d["rows"]
     ev = d.get("evaluation", {})
     tc = d.get("teacher_cache", {})
-    kd = (f"teacher cache {tc.get('format')} k={tc.get('k')}" if tc.get("enabled", True) else "online teacher")
+    kd = (f"teacher cache {cache_label(tc)}" if tc.get("enabled", True) else "online teacher")
     lines = [f"Model `{d.get('model', '?')}`, params `{d.get('params', '?')}`. **Budget: every trained method "
              f"{b['steps']} steps × {b['batch']}×{b['seq_len']} tokens = {b['tokens']:,} tokens** (same blocks in "
              f"the same order, same seed; KD from the {kd}).", ""]
