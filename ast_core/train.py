@@ -240,9 +240,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(student, broadcast_buffers=False,
                                         device_ids=[device] if device.type == "cuda" else None)
-    wanda_refresh = getattr(cfg, "refresh_score", "magnitude") == "wanda"
-    if wanda_refresh and cfg.adaptive and refresh_scale is None and not resume:
-        raise ValueError("refresh_score 'wanda' needs refresh_scale (the calibration column norms)")
+    wanda_refresh = getattr(cfg, "refresh_score", "magnitude") == "wanda" and cfg.adaptive
     optimizer = make_optimizer(student, cfg)
     schedule = make_schedule(cfg)
     order = BlockOrder(len(blocks), seed)
@@ -259,13 +257,15 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
                          if k.startswith("initial_mask.")}
         refresh_scale = {k.removeprefix("refresh_scale."): v.to(device) for k, v in ckpt.extra.items()
                          if k.startswith("refresh_scale.")} or None
-        if wanda_refresh and cfg.adaptive and refresh_scale is None:
+        if wanda_refresh and refresh_scale is None:
             raise ValueError(f"{ckpt_path} holds no refresh column scales: it was trained with "
                              "magnitude refresh and cannot resume with refresh_score 'wanda'")
         set_rng_state(ckpt.extra)
         start, tokens = ckpt.state["step"], ckpt.state["tokens"]
         history = ckpt.state.get("history", [])
         resumed_from = start
+    if wanda_refresh and refresh_scale is None:  # a fresh start (or nothing to resume) must bring them
+        raise ValueError("refresh_score 'wanda' needs refresh_scale (the calibration column norms)")
 
     def checkpoint(step: int) -> Path:
         path = checkpoint_dir / f"step_{step:06d}"

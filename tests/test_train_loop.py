@@ -161,9 +161,10 @@ def test_wanda_scored_refresh_uses_the_frozen_scales_and_resumes_bitwise(tmp_pat
     cfg = _cfg(method="ast-naive", refresh_score="wanda", lr=3e-2)
     full = _student(boosted=False)
     scale = _wanda_scale(full, blocks)
-    with pytest.raises(ValueError, match="needs refresh_scale"):
-        train(_student(boosted=False), blocks, cfg, seed=0, teacher=OnlineTeacher(teacher),
-              checkpoint_dir=tmp_path / "x", progress=False)
+    for resume in (False, True):  # nothing to resume from is a fresh start: the scales must come in
+        with pytest.raises(ValueError, match="needs refresh_scale"):
+            train(_student(boosted=False), blocks, cfg, seed=0, teacher=OnlineTeacher(teacher),
+                  checkpoint_dir=tmp_path / "x", progress=False, resume=resume)
     train(full, blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "a",
           progress=False, refresh_scale=scale)
     # steps == 6 and refresh_every == 2: the final mask is the Wanda-scored mask of the final weights
