@@ -46,12 +46,11 @@ def _calib_batches(ctx: RunContext, batch: int = 4) -> list[torch.Tensor]:
     return [torch.from_numpy(calib[i:i + batch].astype(np.int64)) for i in range(0, len(calib), batch)]
 
 
-def init_masks(model: torch.nn.Module, how: str, calib: list[torch.Tensor],
-               stats: dict[str, torch.Tensor] | None = None) -> None:
-    """Initial N:M mask: Wanda score from calibration activations, or magnitude.
-    ``stats``: the activation statistics when the caller already collected them."""
+def init_masks(model: torch.nn.Module, how: str, stats: dict[str, torch.Tensor] | None) -> None:
+    """Initial N:M mask: Wanda score from the calibration statistics ``stats``
+    (:func:`collect_act_sq_mean`, also the Wanda refresh's column norms), or magnitude."""
     if how == "wanda" and stats is None:
-        stats = collect_act_sq_mean(model, calib)
+        raise ValueError("a Wanda initial mask needs the calibration activation statistics")
     for name, layer in sparse_layers(model):
         score = wanda_score(layer.weight, stats[name]) if how == "wanda" else magnitude_score(layer.weight)
         layer.set_mask(nm_mask(score, layer.n, layer.m))
@@ -98,7 +97,7 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
             wanda_refresh = c.train.adaptive and c.train.refresh_score == "wanda"
             stats = (collect_act_sq_mean(model, _calib_batches(ctx))
                      if c.sparsity.init_mask == "wanda" or wanda_refresh else None)
-            init_masks(model, c.sparsity.init_mask, [], stats)
+            init_masks(model, c.sparsity.init_mask, stats)
             if wanda_refresh:
                 refresh_scale = {name: s.sqrt() for name, s in stats.items()}
         if method == "ast-boosted":
