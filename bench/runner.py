@@ -14,6 +14,7 @@ fingerprints), so an interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -79,6 +80,9 @@ def run_variant(shared: RunContext, cfg: PipelineConfig, variant: Variant, root:
     for stage in stages:
         run_stage(ctx, stage)
     wall = time.perf_counter() - start
+    # a finished variant never resumes: its checkpoints (weights + optimizer state, ~4x the model)
+    # would only fill the disk over a ladder or sweep; train/final keeps the trained model
+    shutil.rmtree(ctx.stage_dir("train") / "checkpoints", ignore_errors=True)
     hist_path = ctx.stage_dir("train") / "history.jsonl"
     history = [json.loads(line) for line in hist_path.read_text().splitlines()] if hist_path.exists() else []
     metrics_path = ctx.out / "metrics.json"

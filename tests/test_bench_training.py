@@ -86,6 +86,9 @@ def test_ladder_end_to_end_on_tiny(tmp_path: Path, one_thread: None, capsys: pyt
     # ast-ste is AST with the decay off: λ stays 0 while the mask is refreshed (steps 2 and 4)
     hist = history(work, "ast-ste")
     assert [h["lam"] for h in hist if "lam" in h] == [0.0] * 4
+    # a finished variant keeps its final model but not its resume checkpoints
+    assert (work / "ast-ste" / "train" / "final" / "model.safetensors").is_file()
+    assert not (work / "ast-ste" / "train" / "checkpoints").exists()
     assert [h["step"] for h in hist if "flip_rate_prev" in h] == [2, 4]
 
     assert list(report["curves"]) == ["ast-ste"]
