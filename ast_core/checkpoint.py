@@ -160,7 +160,8 @@ def save_checkpoint(root: Path, step: int, model: torch.nn.Module | dict[str, to
 
 
 def _write_step_dir(root: Path, final: Path, step: int, model: torch.nn.Module | dict[str, torch.Tensor],
-                    optimizer: torch.optim.Optimizer | dict, extra: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+                    optimizer: torch.optim.Optimizer | dict, extra: dict[str, torch.Tensor],
+                    state: dict[str, Any]) -> None:
     """All files under a temporary name, fsynced, then one rename: never a torn ``step_*``."""
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))

@@ -63,7 +63,7 @@ class LoopConfig(Protocol):
     lambda_max: float
     t0: int
     refresh_every: int
-    refresh_score: str
+    wanda_refresh: bool
     parallel: str
     second_moment: str
     kd_alpha: float
@@ -219,7 +219,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     be on its device (inputs follow the student's device). ``cfg.batch_size``
     is the global batch; each rank takes its slice.
 
-    ``refresh_scale``: with ``cfg.refresh_score == "wanda"``, per-layer
+    ``refresh_scale``: with ``cfg.wanda_refresh``, per-layer
     input-column weights for the mask refresh (sqrt of the mean squared
     calibration activation, frozen at the initial mask). Saved in every
     checkpoint; a resume takes them from there.
@@ -233,14 +233,14 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     device = next(student.parameters()).device
     student.train()
     model = student
-    fsdp = env.enabled and getattr(cfg, "parallel", "ddp") == "fsdp"
+    fsdp = env.enabled and cfg.parallel == "fsdp"
     if fsdp:  # rows of every parameter sharded across ranks; the loop below is unchanged
         sharding.shard_model(student, device)
     elif env.enabled:
         from torch.nn.parallel import DistributedDataParallel
         model = DistributedDataParallel(student, broadcast_buffers=False,
                                         device_ids=[device] if device.type == "cuda" else None)
-    wanda_refresh = getattr(cfg, "refresh_score", "magnitude") == "wanda" and cfg.adaptive
+    wanda_refresh = cfg.wanda_refresh
     optimizer = make_optimizer(student, cfg)
     schedule = make_schedule(cfg)
     order = BlockOrder(len(blocks), seed)

@@ -175,7 +175,8 @@ def render_sweep(d: dict, image: Callable[[str, str], str]) -> Body:
     lines = [f"Model `{d.get('model', '?')}`, {d.get('method', 'ast-naive')} (KD, no SLoRB), params "
              f"`{d.get('params', '?')}`. Budget per run: {b['steps']} steps × {b['batch']}×{b['seq_len']} tokens = "
              f"{b['tokens']:,} tokens (same blocks, same order); mask refresh every {d.get('refresh_every', '?')} "
-             f"steps by {d.get('refresh_score', 'magnitude')} score; λ(t) ramps to λ_max over T0 steps; λ = 0 is STE + refresh without decay.", ""]
+             f"steps by {d.get('refresh_score', 'magnitude')} score; λ(t) ramps to λ_max over T0 steps; "
+             "λ = 0 is STE + refresh without decay.", ""]
     body = []
     for r in sorted(rows, key=lambda r: r["ppl"]):
         t0 = "—" if r.get("t0") is None else f"{r['t0']}" + (f" ({r['t0_frac']:.0%})" if r.get("t0_frac") else "")

@@ -129,6 +129,11 @@ class TrainConfig(_Section):
     def adaptive(self) -> bool:
         return self.method in ("ast-naive", "ast-boosted")
 
+    @property
+    def wanda_refresh(self) -> bool:
+        """The mask refreshes (adaptive methods only) score by Wanda, with frozen column norms."""
+        return self.adaptive and self.refresh_score == "wanda"
+
 
 class CompileConfig(_Section):
     compressed: bool = True

@@ -89,16 +89,16 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
     torch.manual_seed(c.seed)
     model = build_student(ctx)
     info: dict = {"method": method}
+    final: torch.nn.Module | dict[str, torch.Tensor] = model  # what train/final holds
     if method.startswith("oneshot-"):
         info.update(oneshot_prune(model, method.removeprefix("oneshot-"), _calib_batches(ctx)))
     elif method != "dense":
         refresh_scale = None
         if not resuming:  # a resume takes its masks and refresh scales from the checkpoint
-            wanda_refresh = c.train.adaptive and c.train.refresh_score == "wanda"
             stats = (collect_act_sq_mean(model, _calib_batches(ctx))
-                     if c.sparsity.init_mask == "wanda" or wanda_refresh else None)
+                     if c.sparsity.init_mask == "wanda" or c.train.wanda_refresh else None)
             init_masks(model, c.sparsity.init_mask, stats)
-            if wanda_refresh:
+            if c.train.wanda_refresh:
                 refresh_scale = {name: s.sqrt() for name, s in stats.items()}
         if method == "ast-boosted":
             info["slorb_params"] = add_slorb(model, c.train.slorb_group, c.train.slorb_trainable_projection)
@@ -114,9 +114,8 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
                        checkpoint_dir=ckpt_dir, resume=resuming, on_step=on_step, progress=ctx.progress,
                        stop_after=stop_after, val_blocks=val, dist=env,
                        refresh_scale=refresh_scale)
-        weights = None
         if env.enabled and c.train.parallel == "fsdp":  # every rank helps gather the full weights
-            weights = {k: v.cpu() for k, v in state_dict_tensors(model).items()}
+            final = {k: v.cpu() for k, v in state_dict_tensors(model).items()}
         else:
             model.to("cpu")
         if not env.is_main:  # rank 0 writes the stage's outputs; the others wait for them
@@ -130,9 +129,7 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         info.update(tokens_trained=result.tokens, steps=result.steps, resumed_from=result.resumed_from,
                     flip_rate_final=result.last_flip.rate_prev if result.last_flip else 0.0,
                     flip_rate_init_final=result.last_flip.rate_init if result.last_flip else 0.0)
-        save_final(ctx, weights if weights is not None else model, info)
-    if method == "dense" or method.startswith("oneshot-"):  # nothing trained: the model as it stands
-        save_final(ctx, model, info)
+    save_final(ctx, final, info)
     ctx.mark_done("train", fp, **info)
     distributed.barrier(env)
     return ctx.done("train")

@@ -67,3 +67,10 @@ def test_exponent_floats_read_as_numbers_and_bools_are_not_ints() -> None:
     assert cfg.train.lr == 2e-4 and cfg.train.lambda_max == 1e-3
     with pytest.raises(ConfigError, match="train.steps"):
         parse_config({"name": "x", "train": {"steps": True}})
+
+
+def test_wanda_refresh_applies_only_to_methods_that_refresh() -> None:
+    from tasks.config import TrainConfig
+    assert TrainConfig(method="ast-naive", refresh_score="wanda").wanda_refresh
+    assert not TrainConfig(method="naive", refresh_score="wanda").wanda_refresh  # its mask never refreshes
+    assert not TrainConfig(method="ast-boosted").wanda_refresh  # magnitude, the paper's default
