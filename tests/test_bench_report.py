@@ -68,9 +68,9 @@ def _step_overhead(ratio: float) -> dict:
             "env": {"threads": 1, "plain_optimizer": "torch.optim.AdamW"}}
 
 
-def _cache_formats() -> dict:
+def _cache_formats(preset: str | None = "sampled-256") -> dict:
     def trow(name: str, ppl: float, step: float) -> dict:
-        return {"name": name, "format": "topk", "k": 64, "samples": None, "shared_cache": name == "topk-64",
+        return {"name": name, "format": "topk", "k": 64, "samples": None, "shared_cache": name == preset,
                 "ppl": ppl, "ppl_dense": 20.0, "bytes_per_token": None if name == "online" else 388.0,
                 "step_s": step, "steps_timed": 38, "tokens_trained": 20480, "wall_s": 100.0,
                 "ppl_ratio": ppl / 100.0, "step_ratio": step / 10.0}
@@ -155,11 +155,12 @@ def test_report_verdicts_follow_the_numbers(built: tuple[str, Path]) -> None:
     assert _verdict(overhead, "plain masked fine-tuning") == "missed"  # 1.05 > 1.03
     assert "1.050" in overhead
     cache = _section(text, "Teacher cache")
-    # step: topk-64 0.70 meets 0.80, sampled-256 0.90 does not -> missed, naming both
+    # step: topk-64 0.70 meets 0.80, the preset's sampled-256 0.90 does not -> missed, naming both
     step_line = next(ln for ln in cache.splitlines() if "online-teacher step" in ln)
     assert _verdict(cache, "online-teacher step") == "missed"
     assert "met by topk-64" in step_line and "missed by sampled-256" in step_line
-    # ppl: 1.01 within 2%, 1.035 not
+    assert "judged on the preset's format, sampled-256" in step_line
+    # ppl: topk-64 1.01 within 2%, the preset's 1.035 not
     assert _verdict(cache, "within 2%") == "missed"
     assert _verdict(_section(text, "Compression"), "fp16 dense") == "met"  # 0.5625 <= 0.57
     ladder = _section(text, "Method ladder")
@@ -206,6 +207,14 @@ def test_report_marks_missing_and_misshapen_files_not_measured(tmp_path: Path) -
     assert "Not measured yet (run: `python bench/compression.py`)" in comp and "unexpected shape" in comp
     assert "could not be read" in _section(text, "Decay sweep")
     assert _verdict(_section(text, "Overhead"), "plain masked") == "met"  # 1.01 <= 1.03
+
+
+@pytest.mark.parametrize("preset, expected", [("topk-64", "met"), ("sampled-256", "missed"), (None, "missed")])
+def test_cache_goals_are_judged_on_the_presets_format(preset: str | None, expected: str) -> None:
+    """topk-64 meets both goals and sampled-256 neither; without a preset row every format must meet them."""
+    body = report.render_cache_formats(_cache_formats(preset))
+    assert [v.met for v in body.verdicts] == [expected == "met"] * 2
+    assert all(("judged on the preset's format" in v.line()) == (preset is not None) for v in body.verdicts)
 
 
 def test_cache_formats_markdown_with_only_one_part(tmp_path: Path) -> None:
