@@ -24,14 +24,14 @@ on how a given ``transformers`` version averages over a batch.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .progress import bar as progress_bar
 
 
 @dataclass(frozen=True)
@@ -95,23 +95,19 @@ def perplexity(model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], 
     was_training = model.training
     model.eval()
     total_nll = 0.0
-    start = time.perf_counter()
+    bar = progress_bar(range(0, n_windows, batch_size), progress, "perplexity", total=-(-n_windows // batch_size))
     try:
-        for b in range(0, n_windows, batch_size):
+        for b in bar:
             batch = windows[b:b + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
                                   batch[:, 1:].reshape(-1), reduction="sum")
             total_nll += nll.item()
-            if progress:
+            if hasattr(bar, "set_postfix"):
                 done = min(b + batch_size, n_windows)
-                print(f"\rperplexity: {done}/{n_windows} windows, running ppl "
-                      f"{math.exp(total_nll / (done * (seq_len - 1))):.3f}, "
-                      f"{time.perf_counter() - start:.1f}s", end="", file=sys.stderr, flush=True)
+                bar.set_postfix(ppl=f"{math.exp(total_nll / (done * (seq_len - 1))):.3f}")
     finally:
         model.train(was_training)
-        if progress:
-            print(file=sys.stderr)
     tokens = n_windows * (seq_len - 1)
     nll_mean = total_nll / tokens
     return PerplexityResult(ppl=math.exp(nll_mean), nll_mean=nll_mean, tokens=tokens, windows=n_windows)

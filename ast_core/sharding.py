@@ -47,6 +47,11 @@ def is_sharded(t: Any) -> bool:
     return DTensor is not None and isinstance(t, DTensor)
 
 
+def model_is_sharded(model: nn.Module) -> bool:
+    """Whether ``model`` was sharded by :func:`shard_model`: callers ask the model, not the config."""
+    return any(is_sharded(p) for p in model.parameters())
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor: gathered from every rank when sharded (a collective: every rank
     must call it in the same order), else ``t`` itself."""

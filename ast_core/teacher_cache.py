@@ -21,13 +21,14 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
 from .checkpoint import atomic_write_json, fsync_dir
 from .distill import make_targets
+from .progress import bar as progress_bar
 
 FINGERPRINT = "fingerprint.json"
 
@@ -136,7 +137,7 @@ def build_cache(root: Path, teacher: torch.nn.Module, blocks: np.ndarray, fp: di
     files: dict[tuple[int, str], np.ndarray] = {}
     fields: dict[str, dict] = {}
     try:
-        for start in _progress(range(0, n, batch_size), progress, n_total=-(-n // batch_size)):
+        for start in progress_bar(range(0, n, batch_size), progress, "teacher cache", total=-(-n // batch_size)):
             ids = torch.from_numpy(blocks[start:start + batch_size].astype(np.int64))
             logits = teacher(ids).logits.float()
             targets = make_targets(logits, fp["format"], fp.get("k", 0), fp.get("samples", 0),
@@ -172,9 +173,3 @@ def build_cache(root: Path, teacher: torch.nn.Module, blocks: np.ndarray, fp: di
         raise
     return TeacherCache(root, fp)
 
-
-def _progress(it: range, enabled: bool, n_total: int) -> Iterator[int] | range:
-    if not enabled:
-        return it
-    from tqdm.auto import tqdm
-    return tqdm(it, total=n_total, desc="teacher cache", dynamic_ncols=True)

@@ -39,6 +39,7 @@ from .checkpoint import (latest_checkpoint, load_checkpoint, load_model_tensors,
 from .distill import kd_combine, kl_from_targets, kl_full, squarehead_loss
 from .optim import ASTAdamW, ASTSchedule, build_param_groups, masks_for
 from . import sharding
+from .progress import bar as progress_bar
 from .refresh import FlipStats, pruned_kept_ratio, refresh_masks, snapshot_masks
 
 
@@ -292,7 +293,8 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
 
     last_good = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
     last_flip: FlipStats | None = None
-    bar = _progress(range(start, cfg.steps), progress and env.is_main, initial=start, total=cfg.steps)
+    bar = progress_bar(range(start, cfg.steps), progress and env.is_main, "train", total=cfg.steps,
+                       initial=start)
     done_this_call = 0
     for step in bar:
         t_start = time.perf_counter()
@@ -373,12 +375,3 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     return TrainResult(steps=min(cfg.steps, start + done_this_call), tokens=tokens, last_flip=last_flip,
                        history=history, resumed_from=resumed_from)
 
-
-def _progress(it: range, enabled: bool, initial: int, total: int):
-    if not enabled:
-        return it
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        return it
-    return tqdm(it, initial=initial, total=total, desc="train", dynamic_ncols=True)

@@ -28,7 +28,7 @@ def fingerprint(ctx: RunContext) -> str:
 
 def _measure(ctx: RunContext, model, tok) -> dict:
     e = ctx.cfg.evaluate
-    ppl = wikitext2_perplexity(model, tok, seq_len=e.seq_len, max_windows=e.max_windows)
+    ppl = wikitext2_perplexity(model, tok, seq_len=e.seq_len, max_windows=e.max_windows, progress=ctx.progress)
     out = {"ppl": ppl.ppl, "windows": ppl.windows}
     if e.zero_shot.enabled:
         from ast_core.zeroshot import zero_shot

@@ -17,7 +17,8 @@ running the pipeline is tracked the same way:
   (git commit, data manifest hash, teacher cache fingerprint, ``dvc.lock``
   sha256, params file) and artifacts (metrics.json/.md, sparsity reports,
   plots) go to the stage run and to the parent, so the parent row of the
-  MLflow runs table is enough to compare pipeline runs.
+  MLflow runs table is enough to compare pipeline runs. *What* is recorded is
+  decided in :mod:`tasks.run_record`; this module decides how it reaches MLflow.
 
 Store: ``MLFLOW_TRACKING_URI`` or, by default, ``sqlite:///<repo>/mlruns.db``
 with artifacts in ``<repo>/mlartifacts`` (beside the database for any sqlite
@@ -33,20 +34,17 @@ on untracked. MLflow's own usage telemetry is off unless the user set
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 import os
-import subprocess
 import time
 from contextlib import contextmanager
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .common import REPO_ROOT, RunContext, hash_json
-from .config import PipelineConfig
+from .common import REPO_ROOT, RunContext
+from .run_record import (config_hash, flat_params, lineage_tags, params_ref, stage_files, stage_metrics,
+                         write_plots)
 
 if TYPE_CHECKING:
     from ast_core.train import StepLog
@@ -57,8 +55,6 @@ ENV_SWITCH = "AST_TRACKING"
 RECORD_FILE = "mlflow_run.json"
 FLUSH_EVERY_STEPS = 50
 FLUSH_EVERY_S = 30.0
-MAX_PARAM_LEN = 6000      # mlflow.utils.validation.MAX_PARAM_VAL_LENGTH
-MAX_TAG_LEN = 8000        # MAX_TAG_VAL_LENGTH
 PARAMS_PER_BATCH = 100    # MAX_PARAMS_TAGS_PER_BATCH
 METRICS_PER_BATCH = 1000  # MAX_ENTITIES_PER_BATCH
 PARENT_TAG = "mlflow.parentRunId"
@@ -80,126 +76,9 @@ def artifact_root(uri: str) -> Path | None:
     return Path(uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
 
 
-def params_ref(path: str | Path | None) -> str | None:
-    """The params file as a tag: repo-relative when inside the repo (stable across checkouts), else absolute."""
-    if not path:
-        return None
-    p = Path(path).resolve()
-    return p.relative_to(REPO_ROOT).as_posix() if p.is_relative_to(REPO_ROOT) else str(p)
-
-
-def config_hash(cfg: PipelineConfig) -> str:
-    """Same hash as ``RunContext.claim`` writes to ``run.json``."""
-    return hash_json(cfg.model_dump(mode="json"))
-
-
-def flat_params(cfg: PipelineConfig) -> dict[str, str]:
-    """The validated config as ``section.key`` -> string (lists as JSON), cut to MLflow's length limit."""
-    out = {}
-    for key, value in cfg.flat().items():
-        text = value if isinstance(value, str) else json.dumps(value)
-        out[key] = text[:MAX_PARAM_LEN]
-    return out
-
-
-@lru_cache(maxsize=1)
-def git_commit() -> str | None:
-    try:
-        res = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=10, check=False)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return (res.stdout.strip() or None) if res.returncode == 0 else None
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def lineage_tags(ctx: RunContext, params_file: str | None) -> dict[str, str]:
-    """Where the run came from, as far as it is known now (later stages add the data and cache hashes)."""
-    tags = {"ast.config_hash": config_hash(ctx.cfg), "ast.run_dir": str(ctx.out), "ast.method": ctx.cfg.train.method}
-    if params_file:
-        tags["params_file"] = params_file
-    if commit := git_commit():
-        tags["git_commit"] = tags["mlflow.source.git.commit"] = commit
-    for lock in dict.fromkeys((Path.cwd() / "dvc.lock", REPO_ROOT / "dvc.lock")):
-        if lock.is_file():
-            tags["dvc_lock_sha256"] = _sha256_file(lock)
-            break
-    prep = ctx.done("prepare")
-    if prep and "manifest" in prep:
-        tags["data_manifest_hash"] = str(prep["manifest"].get("hash"))
-    cache = ctx.done("cache-teacher")
-    if cache:
-        fields = cache.get("fingerprint_fields")
-        tags["teacher_cache_fingerprint"] = hash_json(fields) if fields else f"none ({cache.get('skipped', '?')})"
-    return {k: v[:MAX_TAG_LEN] for k, v in tags.items()}
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
-def stage_metrics(ctx: RunContext, stage: str, result: dict) -> dict[str, float]:
-    """The numbers worth comparing across runs, from what the stage returned."""
-    m: dict[str, Any] = {}
-    if stage == "prepare":
-        counts = result.get("counts", {})
-        m = {"train_tokens": counts.get("train_tokens"), "train_blocks": counts.get("train_blocks")}
-    elif stage == "cache-teacher":
-        m = {"teacher_cache_bytes_per_token": result.get("bytes_per_token"),
-             "teacher_cache_blocks": result.get("blocks")}
-    elif stage == "train":
-        m = {k: v for k, v in result.items() if k not in ("fingerprint", "resumed_from")}
-    elif stage == "compile":
-        comp = result.get("compressed", {})
-        m = {"sparse_layers": result.get("sparse_layers"), "compressed_ratio": comp.get("sparse_linear_ratio"),
-             "compressed_checkpoint_ratio": comp.get("checkpoint_ratio"),
-             "compressed_file_bytes": comp.get("file_bytes")}
-    elif stage == "evaluate":
-        m = {k: result.get(k) for k in ("ppl_wikitext2", "ppl_wikitext2_dense", "tokens_trained",
-                                         "flip_rate_final", "compressed_ratio")}
-        for prefix in ("zero_shot", "zero_shot_dense"):
-            scores = result.get(prefix) or {}
-            m.update({f"{prefix}/{task}": acc for task, acc in scores.items()})
-            if scores:
-                m[f"{prefix}/mean"] = sum(scores.values()) / len(scores)
-    return {k: f for k, v in m.items() if (f := _number(v)) is not None}
-
-
-def stage_files(ctx: RunContext, stage: str) -> list[Path]:
-    """Small files of a stage worth keeping beside the run (logged under their run-dir-relative path)."""
-    rel = {
-        "prepare": ["prepare/manifest.json"],
-        "cache-teacher": ["cache_teacher/cache/fingerprint.json"],
-        "train": ["train/history.jsonl", "train/final/meta.json"],
-        "compile": ["compile/report.json", "export/hf/sparsity.json"],
-        "evaluate": ["metrics.json", "metrics.md"],
-    }[stage]
-    return [ctx.out / r for r in rel if (ctx.out / r).is_file()]
-
-
-def write_plots(ctx: RunContext, stage: str) -> list[Path]:
-    """``DIR/plots/*.png`` after train and evaluate; a plotting error is a warning, never a failed stage."""
-    from . import plots
-    try:
-        if stage == "train":
-            return plots.training_plots(plots.read_history(ctx.stage_dir("train") / "history.jsonl"),
-                                        ctx.out / "plots")
-        if stage == "evaluate" and (ctx.out / "metrics.json").is_file():
-            return plots.perplexity_plot(json.loads((ctx.out / "metrics.json").read_text()), ctx.out / "plots")
-    except Exception as exc:  # noqa: BLE001 - plots are a by-product
-        log.warning("plots for %s not written: %s", stage, exc)
-    return []
-
-
 def _done_stamp(ctx: RunContext, stage: str) -> int | None:
     p = ctx.stage_dir(stage) / "done.json"
     return p.stat().st_mtime_ns if p.exists() else None
-
 
 
 @contextmanager
@@ -216,6 +95,7 @@ def _finish_with_status(finish: Callable[[str], None]) -> Iterator[None]:
         raise
     finally:
         finish(status)
+
 
 class StageRun:
     """What a stage reports to while it runs. This base tracks nothing (tracking off or broken)."""

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ast_core.calibration import collect_act_sq_mean
-from ast_core import distributed
+from ast_core import distributed, sharding
 from ast_core.distributed import DistEnv
 from ast_core.checkpoint import atomic_write_json, atomic_write_text, load_model_tensors, state_dict_tensors
 from ast_core.masks import magnitude_score, nm_mask, wanda_score
@@ -114,7 +114,7 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
                        checkpoint_dir=ckpt_dir, resume=resuming, on_step=on_step, progress=ctx.progress,
                        stop_after=stop_after, val_blocks=val, dist=env,
                        refresh_scale=refresh_scale)
-        if env.enabled and c.train.parallel == "fsdp":  # every rank helps gather the full weights
+        if sharding.model_is_sharded(model):  # every rank helps gather the full weights
             final = {k: v.cpu() for k, v in state_dict_tensors(model).items()}
         else:
             model.to("cpu")

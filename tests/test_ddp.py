@@ -98,7 +98,7 @@ def test_two_process_ddp_matches_one_process_and_resumes(tmp_path: Path) -> None
     runs = {name: [json.loads((tmp_path / name / f"rank{r}.json").read_text()) for r in (0, 1)]
             for name in ("ddp", "ddp_resumed")}
     r0, r1 = runs["ddp"]
-    assert r0["sharded"] == []  # DDP replicates
+    assert r0["sharded"] == [] and not r0["model_sharded"]  # DDP replicates
     # rank-disjoint cache reads: per step the two ranks' blocks are disjoint halves of the global batch
     assert len(r0["read"]) == len(r1["read"]) == CFG.steps
     from ast_core.train import BlockOrder
@@ -198,6 +198,7 @@ def test_two_process_fsdp_matches_one_process_and_resumes_at_any_world_size(tmp_
     r0, r1 = [json.loads((tmp_path / "fsdp" / f"rank{r}.json").read_text()) for r in (0, 1)]
     # every parameter was a row shard, the sparse weights included
     assert len(r0["sharded"]) == len(list(single.parameters())) and any(".mlp." in n for n in r0["sharded"])
+    assert r0["model_sharded"]  # what the train stage asks before gathering the final weights
     losses = [h["loss"] for h in r0["history"] if "loss" in h]
     assert losses == pytest.approx([h["loss"] for h in ref.history if "loss" in h], rel=1e-4, abs=1e-5)
     assert [h["loss"] for h in r1["history"]] == [h["loss"] for h in r0["history"]]

@@ -63,6 +63,18 @@ def test_batching_list_input_and_max_windows_do_not_change_the_numbers(tiny_llam
     assert first2.nll_mean == pytest.approx(sum(hand_nll_per_window(tiny_llama, ids[0], seq_len, 2)) / 2, rel=1e-5)
 
 
+
+def test_progress_bar_counts_batches_and_leaves_the_numbers_alone(tiny_llama, capsys):
+    seq_len = 8
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (1, 5 * seq_len))
+    quiet = perplexity(tiny_llama, ids, seq_len, batch_size=2)
+    assert capsys.readouterr().err == ""
+    shown = perplexity(tiny_llama, ids, seq_len, batch_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert shown.nll_mean == quiet.nll_mean
+    assert "perplexity" in err and "3/3" in err  # 5 windows in batches of 2
+    assert f"ppl={quiet.ppl:.3f}" in err  # the running value ends at the result
+
 def test_perplexity_on_gpt2_conv1d_model_matches_hand_computation():
     model = load_model("tiny:gpt2", seed=1)
     ids = torch.randint(0, model.config.vocab_size, (3 * 12,))

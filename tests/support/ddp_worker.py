@@ -75,7 +75,8 @@ def main() -> int:
     (args.out / f"rank{env.rank}.json").write_text(json.dumps({
         "rank": env.rank, "world": env.world_size, "read": teacher.read, "history": result.history,
         "resumed_from": result.resumed_from,
-        "sharded": [name for name, p in model.named_parameters() if sharding.is_sharded(p)]}))
+        "sharded": [name for name, p in model.named_parameters() if sharding.is_sharded(p)],
+        "model_sharded": sharding.model_is_sharded(model)}))
     distributed.shutdown()
     return 0
 
