@@ -41,10 +41,10 @@ clean:
 	rm -rf artifacts .pytest_cache
 
 # Benchmarks (issue #6): every CPU benchmark in order, then docs/RESULTS.md from bench/results/*.json.
-# Budgets are CPU-sized (SmolLM2 trains at ~67 tokens/s on 2 cores): the ladder 40 steps x 4x128 tokens
-# per method, the sweep and cache-format runs 40 steps each; on a GPU raise --steps (e.g. 1000x).
-# Expected wall time on 2 CPU cores: about 3 hours (ladder ~40 min, sweep ~45, cache formats ~50,
-# step overhead ~5, compression ~1). Each benchmark skips runs already done
+# Budgets are CPU-sized (SmolLM2 trains at ~70-100 tokens/s on 2 cores): the ladder 40 steps x 4x128
+# tokens per method, the sweep, cache-format and SLoRB-init runs 40 steps each; on a GPU raise --steps
+# (e.g. 1000x). Expected wall time on 2 CPU cores: about 3.5 hours (ladder ~40 min, sweep ~45, cache
+# formats ~45, SLoRB init ~20, step overhead ~5, compression ~1). Each benchmark skips runs already done
 # (artifacts/bench/), so an interrupted `make bench` continues where it stopped.
 # The GPU table (bench/gpu_kernels.py) needs a CUDA machine and is not re-run here.
 .PHONY: bench-report
@@ -54,6 +54,7 @@ bench: setup
 	$(BIN)/python bench/cache_formats.py
 	$(BIN)/python bench/ladder.py --steps 40
 	$(BIN)/python bench/decay_sweep.py
+	$(BIN)/python bench/slorb_init.py
 	$(BIN)/python bench/report.py
 
 # Only rebuild docs/RESULTS.md from the results already in bench/results.

@@ -6,6 +6,9 @@ Two things one-shot pruning and the AST initial mask need from calibration text:
   mean of ``x_j²`` over all calibration tokens, accumulated streaming by forward
   hooks (the activations themselves are never stored). It is the activation
   half of the Wanda score ``|W_ij| · sqrt(mean x_j²)``.
+- :func:`collect_group_cross` — for every sparse linear, ``E[x zᵀ]`` with ``z``
+  the sums of ``x`` over groups of ``k`` columns: all a least-squares SLoRB
+  initialisation needs (``ast_core.slorb``), at ``1/k`` of a full Gram matrix.
 - :func:`capture_block_inputs` / :func:`run_block` — the inputs of transformer
   block 0 (hidden states plus every extra argument the block is called with:
   attention mask, position ids, rotary ``(cos, sin)`` …), captured by a forward
@@ -112,7 +115,45 @@ def _in_features(layer: nn.Module) -> int:
     return int(layer.weight.shape[-1])
 
 
-@torch.no_grad()
+class GroupCross:
+    """Forward hook: streaming Σ_t x_t z_tᵀ (z = group sums of x over ``k`` columns) and token count."""
+
+    def __init__(self, in_features: int, group_size: int, device: torch.device) -> None:
+        if group_size < 1 or in_features % group_size:
+            raise ValueError(f"group size {group_size} does not divide in_features={in_features}")
+        self.group_size = group_size
+        self.sum = torch.zeros(in_features, in_features // group_size, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        x = flat_tokens(args[0])
+        z = x.unflatten(-1, (x.shape[-1] // self.group_size, self.group_size)).sum(-1)
+        self.sum += (x.T @ z).double()
+        self.tokens += x.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        if self.tokens == 0:
+            raise RuntimeError("no calibration tokens reached this layer")
+        return (self.sum / self.tokens).float()
+
+
+def _collect(model: nn.Module, batches: Iterable[Batch], layers: dict[str, nn.Module],
+             hooks: dict[str, Any]) -> None:
+    """One calibration pass with ``hooks[name]`` on ``layers[name]``: eval, no_grad, masks ignored."""
+    device = model_device(model)
+    handles = [mod.register_forward_hook(hooks[name]) for name, mod in layers.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), masks_ignored(layers.values()):
+            for batch in batches:
+                model(**_model_inputs(batch, device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
 def collect_act_sq_mean(model: nn.Module, batches: Iterable[Batch],
                         layer_names: list[str] | None = None) -> dict[str, torch.Tensor]:
     """``{layer: mean over calibration tokens of x_j²}`` (float32, shape ``[in_features]``).
@@ -124,19 +165,26 @@ def collect_act_sq_mean(model: nn.Module, batches: Iterable[Batch],
     mode and ``dense_mode`` are restored afterwards.
     """
     layers = _resolve_layers(model, layer_names)
-    device = model_device(model)
     sums = {name: SquareSum(_in_features(mod), mod.weight.device) for name, mod in layers.items()}
-    handles = [mod.register_forward_hook(sums[name]) for name, mod in layers.items()]
-    was_training = model.training
-    model.eval()
-    try:
-        with masks_ignored(layers.values()):
-            for batch in batches:
-                model(**_model_inputs(batch, device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    _collect(model, batches, layers, sums)
+    return {name: s.mean() for name, s in sums.items()}
+
+
+def collect_group_cross(model: nn.Module, batches: Iterable[Batch], group_size: int,
+                        layer_names: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """``{layer: E[x zᵀ]}`` (float32, ``[in_features, in_features / group_size]``), z = group sums of x.
+
+    Same pass conventions as :func:`collect_act_sq_mean` (dense model, float64
+    running sums). ``E[z zᵀ]`` is its group-summed rows, so one statistic gives
+    both sides of the SLoRB least-squares problem.
+    """
+    layers = _resolve_layers(model, layer_names)
+    bad = [f"{name} (in_features={_in_features(mod)})" for name, mod in layers.items()
+           if group_size < 1 or _in_features(mod) % group_size]
+    if bad:
+        raise ValueError(f"SLoRB group size {group_size} does not divide in_features of: {', '.join(bad)}")
+    sums = {name: GroupCross(_in_features(mod), group_size, mod.weight.device) for name, mod in layers.items()}
+    _collect(model, batches, layers, sums)
     return {name: s.mean() for name, s in sums.items()}
 
 

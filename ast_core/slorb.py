@@ -8,13 +8,27 @@ adds a cheap dense term that gives back part of what pruning removed:
 - ``X`` ((d/k)×d) is a fixed group-sum projection, ``X[i, j] = 1`` iff column
   ``j`` belongs to group ``i`` (groups of ``k`` consecutive input columns), so
   ``x·Xᵀ`` is just the sum of ``x`` over each group;
-- ``S`` (N×d/k) is trainable, initialised to the mean of the *pruned* weights of
-  each group, ``S[i, g] = (1/k)·Σ_{p∈g} W[i, p]·(1 − m[i, p])``.
+- ``S`` (N×d/k) is trainable, initialised by default to the mean of the
+  *pruned* weights of each group, ``S[i, g] = (1/k)·Σ_{p∈g} W[i, p]·(1 − m[i, p])``.
 
-Why that init: for an input that is constant within each group the boosted
-layer then reproduces the dense layer exactly, so SLoRB starts as the best
-rank-(d/k) "group-constant" correction of the pruning error. It costs ``1/k``
-of the dense parameters per layer (``N·d/k``).
+Why that init (the paper's): for an input that is constant within each group
+the boosted layer then reproduces the dense layer exactly. Real inputs are not
+group-constant. On SmolLM2-135M with a Wanda 2:4 mask the mean init *raises*
+WikiText-2 perplexity before any training (16×512 windows: 285 → 420): S also
+lands on the kept columns, and Wanda keeps the outlier channels.
+
+So there is a second init, least squares (:func:`lstsq_S`). Given calibration
+statistics ``C = E[x zᵀ]``, with ``z = x·Xᵀ`` the group sums
+(``ast_core.calibration.collect_group_cross``), ``S`` minimises
+``E‖(W ⊙ (1−m))·x − S·z‖²``:
+
+    S = (W ⊙ (1−m))·C · (E[z zᵀ] + δI)⁻¹,   E[z zᵀ] = X·C,
+
+with a small ridge ``δ`` (:data:`LSTSQ_DAMP` × the mean of diag E[z zᵀ]) for
+groups that calibration never excites. S = 0 is a candidate of that problem, so
+on the calibration inputs the branch can only reduce each layer's pruning error
+(same model: 285 → 250; ``bench/slorb_init.py`` follows both through training).
+Either init costs ``1/k`` of the dense parameters per layer (``N·d/k``).
 
 The branch lives in ``SparseLinear.side``; ``SparseLinear.forward`` adds
 ``side(x)`` unless the layer is in ``dense_mode`` (the teacher / dense
@@ -33,6 +47,9 @@ from torch import nn
 
 from .masks import is_nm
 from .sparse import SparseLinear, sparse_layers
+
+
+LSTSQ_DAMP = 1e-2  # ridge of the least-squares init, relative to the mean diagonal of E[z zᵀ]
 
 
 class SLoRBError(ValueError):
@@ -82,19 +99,24 @@ class SLoRB(nn.Module):
 
     @classmethod
     def from_layer(cls, layer: SparseLinear, group_size: int = 16, trainable_projection: bool = False,
-                   name: str = "layer") -> "SLoRB":
+                   name: str = "layer", cross: torch.Tensor | None = None) -> "SLoRB":
         """A branch initialised from the layer's *current* weight and mask.
 
-        ``S[i, g] = (1/k)·Σ_{p∈g} W[i, p]·(1 − m[i, p])`` — the mean of the pruned
-        weights of each group (computed in float32, stored in the weight dtype).
-        Call it after the initial mask is set: on an all-ones mask S is zero.
+        Without ``cross``: ``S[i, g] = (1/k)·Σ_{p∈g} W[i, p]·(1 − m[i, p])``, the
+        mean of the pruned weights of each group. With ``cross`` (this layer's
+        ``E[x zᵀ]``): the least-squares fit :func:`lstsq_S`. Computed in float32,
+        stored in the weight dtype. Call it after the initial mask is set: on an
+        all-ones mask S is zero.
         """
         w = layer.weight.detach()
         side = cls(layer.in_features, layer.out_features, group_size, trainable_projection,
                    device=w.device, dtype=w.dtype, name=name)
         pruned = w.float() * (~layer.mask).float()
-        mean = pruned.unflatten(-1, (layer.in_features // group_size, group_size)).sum(-1) / group_size
-        side.S.data.copy_(mean.to(w.dtype))
+        if cross is None:
+            init = pruned.unflatten(-1, (layer.in_features // group_size, group_size)).sum(-1) / group_size
+        else:
+            init = lstsq_S(pruned, cross.to(w.device), group_size, name=name)
+        side.S.data.copy_(init.to(w.dtype))
         return side
 
     def group_sums(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,19 +139,35 @@ class SLoRB(nn.Module):
                 f"group_size={self.group_size}, trainable_projection={self.trainable_projection}")
 
 
+def lstsq_S(pruned: torch.Tensor, cross: torch.Tensor, group_size: int, damp: float = LSTSQ_DAMP,
+            name: str = "layer") -> torch.Tensor:
+    """``argmin_S E‖pruned·x − S·z‖² + δ‖S‖²`` from ``cross = E[x zᵀ]`` (module docstring).
+
+    ``pruned`` is ``W ⊙ (1−m)`` (N×d), ``cross`` is d×(d/k); returns S (N×d/k), float32.
+    """
+    d, g = pruned.shape[1], pruned.shape[1] // group_size
+    if cross.shape != (d, g):
+        raise SLoRBError(f"{name}: calibration statistic has shape {tuple(cross.shape)}, expected {(d, g)} "
+                         f"for in_features={d} and group size {group_size}")
+    cross = cross.float()
+    zz = cross.unflatten(0, (g, group_size)).sum(1)  # E[z zᵀ] = X·C, g×g
+    zz = 0.5 * (zz + zz.T)
+    ridge = damp * zz.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny)
+    zz = zz + ridge * torch.eye(g, dtype=zz.dtype, device=zz.device)
+    rhs = pruned.float() @ cross  # N×g
+    return torch.linalg.solve(zz, rhs.T).T  # zz symmetric: S·zz = rhs
+
+
 def slorb_layers(model: nn.Module) -> list[tuple[str, SparseLinear, SLoRB]]:
     """(name, sparse layer, its SLoRB) for every sparse layer that has one."""
     return [(name, layer, layer.side) for name, layer in sparse_layers(model) if isinstance(layer.side, SLoRB)]
 
 
-def add_slorb(model: nn.Module, group_size: int = 16, trainable_projection: bool = False) -> int:
-    """Attach a mean-initialised :class:`SLoRB` as ``side`` to every ``SparseLinear``.
+def check_group_size(model: nn.Module, group_size: int) -> list[tuple[str, SparseLinear]]:
+    """The model's sparse layers, after checking ``group_size`` divides every ``in_features``.
 
-    Initialised from the current masks, so set the initial mask first. Checks
-    every layer before changing anything: a group size that does not divide a
-    layer's ``in_features``, or a layer that already has a side branch, raises
-    :class:`SLoRBError` naming the layers. Returns the number of parameters
-    added (``Σ N·d/k``, plus ``Σ d²/k`` with a trainable projection).
+    Raises :class:`SLoRBError` naming every layer it does not divide, before
+    any work (the least-squares init would otherwise spend a calibration pass first).
     """
     layers = list(sparse_layers(model))
     if not layers:
@@ -138,12 +176,32 @@ def add_slorb(model: nn.Module, group_size: int = 16, trainable_projection: bool
            if not isinstance(group_size, int) or group_size < 1 or layer.in_features % group_size]
     if bad:
         raise SLoRBError(f"SLoRB group size {group_size!r} does not divide in_features of: {', '.join(bad)}")
+    return layers
+
+
+def add_slorb(model: nn.Module, group_size: int = 16, trainable_projection: bool = False,
+              cross: dict[str, torch.Tensor] | None = None) -> int:
+    """Attach a :class:`SLoRB` as ``side`` to every ``SparseLinear``.
+
+    Mean-initialised, or least-squares with ``cross`` (``{layer: E[x zᵀ]}`` from
+    ``ast_core.calibration.collect_group_cross`` at the same group size; every
+    layer must have one). Initialised from the current masks, so set the
+    initial mask first. Checks every layer before changing anything: a group
+    size that does not divide a layer's ``in_features``, a layer that already
+    has a side branch, or a missing statistic raises :class:`SLoRBError` naming
+    the layers. Returns the number of parameters added (``Σ N·d/k``, plus
+    ``Σ d²/k`` with a trainable projection).
+    """
+    layers = check_group_size(model, group_size)
     taken = [name for name, layer in layers if layer.side is not None]
     if taken:
         raise SLoRBError(f"layers already have a side branch: {', '.join(taken)}; call remove_slorb first")
+    if cross is not None and (missing := [name for name, _ in layers if name not in cross]):
+        raise SLoRBError(f"no calibration statistic for: {', '.join(missing)}")
     added = 0
     for name, layer in layers:
-        layer.side = SLoRB.from_layer(layer, group_size, trainable_projection, name=name)
+        layer.side = SLoRB.from_layer(layer, group_size, trainable_projection, name=name,
+                                      cross=None if cross is None else cross[name])
         added += sum(p.numel() for p in layer.side.parameters())
     return added
 

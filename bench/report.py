@@ -354,6 +354,30 @@ def render_cache_formats_md(d: dict, directory: Path, level: int = 1) -> str:
                       *[v.line() for v in b.verdicts], ""])
 
 
+# ============================================================================ SLoRB init
+
+def render_slorb_init(d: dict, image: Callable[[str, str], str]) -> Body:
+    """SLoRB init: AST-Naive (no SLoRB), AST-Boosted with the paper's mean init and with least squares."""
+    b, e = d["budget"], d["evaluation"]
+    rows = [[r["label"], fmt(r.get("val_ppl_start"), ".1f"), fmt(r.get("val_ppl_end"), ".1f"), fmt(r.get("ppl"))]
+            for r in d["rows"]]
+    lines = [f"Model `{d['model']}`, params `{d['params']}`, SLoRB group {d['slorb_group']}. Budget per run: "
+             f"{b['steps']} steps × {b['batch']}×{b['seq_len']} tokens = {b['tokens']:,} tokens (same blocks, "
+             f"order, teacher cache and seed). Validation: {e['val_blocks']}×{e['val_seq_len']} held-out C4 tokens, "
+             f"step 0 = after the initial mask (and SLoRB init), before any training step. WikiText-2 test over "
+             f"{e['wikitext2_windows']} windows × {e['seq_len']} tokens after training.", "",
+             table(["run", "val ppl at step 0", "val ppl at the end", "WikiText-2 ppl"], rows),
+             image("slorb_init.png", "validation perplexity vs tokens per SLoRB init")]
+    return Body("\n".join(lines), [])
+
+
+def render_slorb_init_md(d: dict, directory: Path, level: int = 1) -> str:
+    """slorb_init.md (written by bench/slorb_init.py next to its PNG)."""
+    b = render_slorb_init(d, default_image(directory, directory))
+    return "\n".join([_heading(level, "SLoRB initialisation"), stamp_line(d), "", f"Command: `{d['command']}`", "",
+                      b.text.rstrip(), ""])
+
+
 # ============================================================================ compression
 
 def render_compression_body(d: dict, image: Callable[[str, str], str] | None = None) -> Body:
@@ -472,6 +496,8 @@ SECTIONS = [
             render_step_overhead, step_overhead_command),
     Section("cache_formats", "Teacher cache: formats, gradient error, training from the cache",
             "python bench/cache_formats.py --part all", render_cache_formats, own_provenance=True),
+    Section("slorb_init", "SLoRB initialisation: the paper's mean vs least squares", "python bench/slorb_init.py",
+            render_slorb_init),
     Section("compression", "Compression: 2:4 export vs fp16 dense", "python bench/compression.py",
             render_compression_body),
     Section("gpu_kernels", "GPU kernels: 2:4 (cuSPARSELt) vs dense", "python bench/gpu_kernels.py",

@@ -101,6 +101,9 @@ class TrainConfig(_Section):
     squarehead_weight: float = Field(1.0, ge=0)
     slorb_group: int = Field(16, ge=1)
     slorb_trainable_projection: bool = False
+    # mean: the paper's S (mean of each group's pruned weights); lstsq: S fitted to the calibration
+    # inputs (one more calibration pass), which lowers step-0 perplexity instead of raising it
+    slorb_init: Literal["mean", "lstsq"] = "mean"
     checkpoint_every: int = Field(50, ge=1)
     eval_every: int = Field(0, ge=0, description="validation loss every N steps (0: only at the end)")
     log_every: int = Field(1, ge=1)

@@ -15,14 +15,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ast_core.calibration import collect_act_sq_mean
+from ast_core.calibration import collect_act_sq_mean, collect_group_cross
 from ast_core import distributed, sharding
 from ast_core.distributed import DistEnv
 from ast_core.checkpoint import atomic_write_json, atomic_write_text, load_model_tensors, state_dict_tensors
 from ast_core.masks import magnitude_score, nm_mask, wanda_score
 from ast_core.models import load_model
 from ast_core.oneshot import oneshot_prune
-from ast_core.slorb import add_slorb
+from ast_core.slorb import add_slorb, check_group_size
 from ast_core.sparse import sparse_layers, sparsify
 from ast_core.teacher_cache import TeacherCache
 from ast_core.train import CachedTeacher, OnlineTeacher, StepLog, train
@@ -101,7 +101,12 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
             if c.train.wanda_refresh:
                 refresh_scale = {name: s.sqrt() for name, s in stats.items()}
         if method == "ast-boosted":
-            info["slorb_params"] = add_slorb(model, c.train.slorb_group, c.train.slorb_trainable_projection)
+            cross = None  # mean init; a resume loads S from the checkpoint either way
+            if c.train.slorb_init == "lstsq" and not resuming:
+                check_group_size(model, c.train.slorb_group)  # before the calibration pass
+                cross = collect_group_cross(model, _calib_batches(ctx), c.train.slorb_group)
+            info["slorb_params"] = add_slorb(model, c.train.slorb_group, c.train.slorb_trainable_projection,
+                                             cross)
         teacher = None
         if c.train.uses_kd:
             if cache_teacher.needed(ctx):

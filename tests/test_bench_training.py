@@ -280,3 +280,26 @@ def test_budget_config_sets_the_budget_and_lets_the_user_override_the_bench() ->
     assert base.index("train.t0_steps=1") < base.index("train.t0_steps=3")
     with pytest.raises(ladder.ConfigError, match="train.lr"):
         ladder.budget_config(TINY, 6, [], ["train.lr=-1"])
+
+
+def test_slorb_init_bench_end_to_end_on_tiny(tmp_path: Path, one_thread: None) -> None:
+    from bench import report as report_mod
+    from bench import slorb_init
+    out, work = tmp_path / "out", tmp_path / "work"
+    assert slorb_init.main([*QUICK, "--out-dir", str(out), "--work", str(work)]) == 0
+    data = json.loads((out / "slorb_init.json").read_text())
+    rows = {r["name"]: r for r in data["rows"]}
+    assert list(rows) == ["no-slorb", "mean", "lstsq"]
+    assert [r["method"] for r in rows.values()] == ["ast-naive", "ast-boosted", "ast-boosted"]
+    for name, r in rows.items():
+        assert_curve(r["curve"], 4 * 4 * 64)
+        assert r["val_ppl_start"] == history(work, name)[0]["val_ppl"]  # step 0, before any training
+        assert math.isfinite(r["ppl"]) and r["ppl"] > 1
+    # The same initial mask everywhere: the runs differ at step 0 only by their SLoRB branch, and
+    # each init really reached the model (three different starting points).
+    assert len({r["val_ppl_start"] for r in rows.values()}) == 3
+    assert_png(out / "slorb_init.png")
+    md = (out / "slorb_init.md").read_text()
+    assert "| AST-Boosted, least-squares init |" in md and "python bench/slorb_init.py" in md
+    body = report_mod.render_slorb_init(data, lambda name, alt: f"![{alt}]({name})\n")
+    assert "slorb_init.png" in body.text and body.verdicts == []

@@ -104,3 +104,53 @@ def test_bad_input_exits_non_zero_with_one_message(args, needle, tmp_path: Path,
     rc = main(args + ["--out", str(tmp_path / "o"), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and needle in err and "Traceback" not in err
+
+
+def test_lstsq_slorb_init_fits_the_calibration_blocks_and_a_resume_keeps_the_trained_branch(
+        tmp_path: Path, monkeypatch) -> None:
+    """train.slorb_init=lstsq: the stage fits S to E[x zᵀ] of the prepared calibration blocks; an
+    interrupted run resumes S from its checkpoint (no refit) and ends bitwise where an uninterrupted one does."""
+    import torch
+    from ast_core.calibration import collect_group_cross
+    from tasks import cache_teacher, prepare, train as train_stage
+    from tasks.common import RunContext
+    from tasks.config import load_config
+
+    monkeypatch.setenv("AST_TRACKING", "off")
+    seen: list[dict | None] = []
+    real_add = train_stage.add_slorb
+
+    def spy(model, group, trainable, cross=None):  # type: ignore[no-untyped-def]
+        seen.append(cross)
+        return real_add(model, group, trainable, cross)
+
+    monkeypatch.setattr(train_stage, "add_slorb", spy)
+    cfg = load_config(TINY, ["train.slorb_init=lstsq", "train.steps=6", "train.checkpoint_every=2",
+                             "train.eval_every=0", "data.max_train_blocks=24"])
+
+    def stages(out: Path, stop_after: int | None = None, resume: bool = False) -> RunContext:
+        ctx = RunContext.create(cfg, out, resume=resume, progress=False)
+        prepare.run(ctx)
+        cache_teacher.run(ctx)
+        try:
+            train_stage.run(ctx, stop_after=stop_after)
+        except Exception as err:  # the interrupted call says to resume
+            assert "--resume" in str(err)
+        return ctx
+
+    whole = stages(tmp_path / "whole")
+    ctx = RunContext.create(cfg, tmp_path / "whole", progress=False)
+    student = train_stage.build_student(ctx)
+    expected = collect_group_cross(student, train_stage._calib_batches(ctx), cfg.train.slorb_group)
+    assert seen[0] is not None and seen[0].keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(seen[0][name], expected[name], rtol=0, atol=0)
+
+    stages(tmp_path / "cut", stop_after=3)
+    stages(tmp_path / "cut", resume=True)
+    assert seen[1] is not None and seen[2] is None  # the resume loads S, it does not refit it
+    a = load_file(str(whole.out / "train" / "final" / "model.safetensors"))
+    b = load_file(str(tmp_path / "cut" / "train" / "final" / "model.safetensors"))
+    assert any(k.endswith(".side.S") for k in a) and a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -1,4 +1,4 @@
-"""SLoRB: mean init, parameter overhead, the group-sum shortcut, gradients, state round trip."""
+"""SLoRB: mean and least-squares init, parameter overhead, the group-sum shortcut, gradients, state round trip."""
 
 from __future__ import annotations
 
@@ -231,3 +231,103 @@ def test_fold_is_exact_only_when_branch_keeps_pattern() -> None:
         assert torch.allclose(layer(x), x @ folded_weight(layer).T + layer.bias)
         layer.side.S.zero_()
     assert fold_is_exact(layer)
+
+
+# --------------------------------------------------------------------------- least-squares init
+
+def _outlier_inputs(n: int, d: int, seed: int = 0) -> torch.Tensor:
+    """Inputs with one large-scale channel in every group of 4, as LLM activations have outlier channels."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.ones(d, dtype=torch.float64)
+    scale[::4] = 10.0
+    return torch.randn(n, d, generator=g, dtype=torch.float64) * scale + 0.3
+
+
+def _wanda_layer(x: torch.Tensor, out_f: int = 12) -> SparseLinear:
+    """A 2:4 layer whose mask keeps what Wanda keeps for inputs ``x`` (the outlier columns)."""
+    from ast_core.masks import wanda_score
+    torch.manual_seed(0)
+    layer = SparseLinear.from_module(nn.Linear(x.shape[1], out_f, dtype=x.dtype))
+    layer.set_mask(nm_mask(wanda_score(layer.weight.detach(), x.pow(2).mean(0))))
+    return layer
+
+
+def _cross(x: torch.Tensor, k: int) -> torch.Tensor:
+    """E[x zᵀ] with z the group sums of x, computed the explicit way (through the 0/1 projection)."""
+    z = x @ group_sum_matrix(x.shape[1], k, dtype=x.dtype).T
+    return x.T @ z / x.shape[0]
+
+
+def _pruning_error(layer: SparseLinear, x: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((layer(x) - _dense_out(layer, x)).pow(2).mean())
+
+
+def test_lstsq_init_is_the_ridge_least_squares_solution_on_the_calibration_inputs() -> None:
+    from ast_core.slorb import LSTSQ_DAMP
+    k = 4
+    x = _outlier_inputs(500, 16)
+    layer = _wanda_layer(x, out_f=6)
+    side = SLoRB.from_layer(layer, k, cross=_cross(x, k))
+    # Reference: the normal equations of min_S mean‖R x − S z‖² + δ‖S‖², solved on the stacked data.
+    r = layer.weight.detach() * (~layer.mask)
+    z = x @ group_sum_matrix(16, k, dtype=x.dtype).T
+    zz = z.T @ z / len(x)
+    ridge = LSTSQ_DAMP * zz.diagonal().mean()
+    ref = torch.linalg.solve(zz + ridge * torch.eye(zz.shape[0], dtype=x.dtype), (x @ r.T).T @ z / len(x), left=False)
+    torch.testing.assert_close(side.S.detach(), ref.to(side.S.dtype), rtol=1e-4, atol=1e-6)
+
+
+def test_lstsq_init_lowers_the_pruning_error_where_the_mean_init_raises_it() -> None:
+    k = 8
+    x = _outlier_inputs(800, 32, seed=1)
+    layer = _wanda_layer(x)
+    bare = _pruning_error(layer, x)
+    layer.side = SLoRB.from_layer(layer, k)
+    mean = _pruning_error(layer, x)
+    layer.side = SLoRB.from_layer(layer, k, cross=_cross(x, k))
+    fitted = _pruning_error(layer, x)
+    # The mean init spreads S over every column of a group, the kept outlier columns included ...
+    assert mean > bare
+    # ... the fitted one only removes error, and does so on new inputs from the same distribution too
+    assert fitted < bare
+    new = _outlier_inputs(800, 32, seed=2)
+    assert _pruning_error(layer, new) < _pruning_error(_without_side(layer), new)
+
+
+def _without_side(layer: SparseLinear) -> SparseLinear:
+    bare = SparseLinear.from_module(nn.Linear(layer.in_features, layer.out_features, dtype=layer.weight.dtype))
+    bare.load_state_dict({k: v for k, v in layer.state_dict().items() if not k.startswith("side.")})
+    return bare
+
+
+def test_collect_group_cross_matches_the_explicit_statistic_and_add_slorb_uses_it() -> None:
+    from ast_core.calibration import collect_group_cross
+    model = _sparse_tiny()
+    name = "model.layers.1.mlp.down_proj"
+    seen: list[torch.Tensor] = []
+    handle = model.get_submodule(name).register_forward_hook(lambda m, a, o: seen.append(a[0].detach()))
+    g = torch.Generator().manual_seed(3)
+    batches = [torch.randint(3, 5000, (2, 12), generator=g) for _ in range(3)]
+    cross = collect_group_cross(model, batches, 16)
+    handle.remove()
+    x = torch.cat([s.reshape(-1, s.shape[-1]) for s in seen]).double()
+    assert set(cross) == {n for n, _ in sparse_layers(model)}
+    assert cross[name].dtype == torch.float32 and cross[name].shape == (128, 8)
+    torch.testing.assert_close(cross[name].double(), _cross(x, 16), rtol=1e-5, atol=1e-7)
+    add_slorb(model, 16, cross=cross)
+    layer = model.get_submodule(name)
+    expected = SLoRB.from_layer(layer, 16, cross=cross[name]).S
+    torch.testing.assert_close(layer.side.S, expected, rtol=0, atol=0)
+    assert not torch.allclose(layer.side.S, SLoRB.from_layer(layer, 16).S)  # not the mean init
+
+
+def test_lstsq_init_refuses_missing_or_misshapen_statistics() -> None:
+    model = _sparse_tiny()
+    names = [n for n, _ in sparse_layers(model)]
+    with pytest.raises(SLoRBError, match="no calibration statistic for: " + names[0]):
+        add_slorb(model, 16, cross={})
+    assert not any(layer.side is not None for _, layer in sparse_layers(model))  # nothing attached
+    layer = model.get_submodule(names[0])
+    with pytest.raises(SLoRBError, match=r"shape \(64, 4\), expected \(64, 8\)"):
+        SLoRB.from_layer(layer, 8, cross=torch.zeros(64, 4), name=names[0])

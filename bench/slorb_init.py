@@ -1,0 +1,125 @@
+"""SLoRB initialisation: the paper's mean init vs the least-squares init, at the bench budget.
+
+Why: the paper sets each SLoRB entry to the mean of its group's pruned weights.
+On SmolLM2-135M with a Wanda 2:4 mask that *raises* perplexity before any
+training, because real inputs are not constant within a group (outlier
+channels are what Wanda keeps). ``train.slorb_init: lstsq`` fits S to the
+calibration inputs instead (``ast_core.slorb.lstsq_S``). This bench trains
+AST-Boosted with each init, plus AST-Naive (no SLoRB) as the reference, on the
+same blocks, cache and seed, and records the validation curve from step 0, so
+both the starting point and what is left of the difference after training show.
+
+    python bench/slorb_init.py [--params params/smollm2-quick.yaml] [--steps 40]
+                               [--set k=v ...] [--out-dir bench/results] [--work artifacts/bench/slorb_init]
+
+Writes ``slorb_init.json``, ``slorb_init.md`` and ``slorb_init.png`` (validation
+perplexity vs tokens) under ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ast_core.checkpoint import atomic_write_text  # noqa: E402
+from bench import plotting  # noqa: E402
+from bench.ladder import (budget_config, budget_of, command_line, curve, fail, resolve_params,  # noqa: E402
+                          train_seconds)
+from bench.runner import RESULTS, WORK, Variant, run_all, stamp, write_json  # noqa: E402
+from tasks.common import StageError  # noqa: E402
+from tasks.config import ConfigError, PipelineConfig  # noqa: E402
+
+DEFAULT_PARAMS = "params/smollm2-quick.yaml"
+STAGES = ("cache-teacher", "train", "evaluate")  # compile changes no weight: not needed to measure quality
+SETTINGS = ["evaluate.zero_shot.enabled=false"]
+VARIANTS = {  # name -> (overrides, SLoRB init or None)
+    "no-slorb": (["train.method=ast-naive"], None),
+    "mean": (["train.method=ast-boosted", "train.slorb_init=mean"], "mean"),
+    "lstsq": (["train.method=ast-boosted", "train.slorb_init=lstsq"], "lstsq"),
+}
+LABELS = {"no-slorb": "AST-Naive (no SLoRB)", "mean": "AST-Boosted, mean init (paper)",
+          "lstsq": "AST-Boosted, least-squares init"}
+
+
+def row(name: str, metrics: dict, history: list[dict], steps: int) -> dict[str, Any]:
+    points = curve(history)
+    return {"name": name, "label": LABELS[name], "slorb_init": VARIANTS[name][1],
+            "method": metrics.get("method"), "ppl": metrics.get("ppl_wikitext2"),
+            "ppl_dense": metrics.get("ppl_wikitext2_dense"), "curve": points,
+            "val_ppl_start": points[0][1] if points and points[0][0] == 0 else None,
+            "val_ppl_end": points[-1][1] if points else None,
+            "train_s": train_seconds(history, steps)}
+
+
+def build_report(rows: list[dict[str, Any]], *, cfg: PipelineConfig, params: str, command: str,
+                 stamp_: dict, wall_s: float | None = None) -> dict[str, Any]:
+    """Everything ``slorb_init.json`` holds (pure: tests build it from synthetic rows)."""
+    return {"stamp": stamp_, "command": command, "params": params, "model": cfg.model.student,
+            "budget": budget_of(cfg), "slorb_group": cfg.train.slorb_group,
+            "evaluation": {"wikitext2_windows": cfg.evaluate.max_windows, "seq_len": cfg.evaluate.seq_len,
+                           "val_blocks": cfg.data.val_blocks, "val_seq_len": cfg.data.seq_len},
+            "rows": rows, "wall_s": wall_s}
+
+
+def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """``slorb_init.json``, ``slorb_init.md`` and ``slorb_init.png`` (each written atomically)."""
+    from bench.report import render_slorb_init_md
+    out_dir = Path(out_dir)
+    write_json(out_dir / "slorb_init.json", report)
+    atomic_write_text(out_dir / "slorb_init.md", render_slorb_init_md(report, out_dir))
+    series = {r["label"]: ([p[0] for p in r["curve"]], [p[1] for p in r["curve"]]) for r in report["rows"]}
+    png = plotting.line_plot(out_dir / "slorb_init.png", series, logy=True,
+                             title=f"validation perplexity from step 0 ({report['budget']['steps']} steps)",
+                             xlabel="training tokens", ylabel="validation perplexity (log scale)")
+    return [out_dir / "slorb_init.json", out_dir / "slorb_init.md", png]
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench/slorb_init.py", description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default=DEFAULT_PARAMS)
+    ap.add_argument("--steps", type=int, default=40, help="training steps of every run")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="config override applied after the bench's settings (repeatable)")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--work", type=Path, default=WORK / "slorb_init", help="run directories (resumable)")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    params = resolve_params(args.params)
+    try:  # the ladder's T0 (a quarter of the steps), so the rows compare with its AST rungs
+        base, cfg = budget_config(params, args.steps, [f"train.t0_steps={args.steps // 4}", *SETTINGS],
+                                  args.overrides)
+    except ConfigError as err:
+        return fail(err)
+    variants = [Variant(name, list(overrides)) for name, (overrides, _) in VARIANTS.items()]
+    b = budget_of(cfg)
+    print(f"slorb init: {cfg.model.student}, {len(variants)} runs, {b['steps']} steps × {b['batch']}×{b['seq_len']} "
+          f"= {b['tokens']:,} tokens each; work {args.work}", flush=True)
+    start = time.perf_counter()
+    try:
+        results = run_all(params, base, variants, Path(args.work).resolve(), stages=STAGES,
+                          log=lambda msg: print(msg, flush=True))
+    except (ConfigError, StageError) as err:
+        return fail(err)
+    rows = [row(v.name, results[v.name].metrics, results[v.name].history, b["steps"]) for v in variants]
+    report = build_report(rows, cfg=cfg, params=args.params, command=command_line("slorb_init.py", argv),
+                          stamp_=stamp(), wall_s=time.perf_counter() - start)
+    written = write_outputs(report, args.out_dir)
+    for r in rows:
+        print(f"{r['label']:>34}: val ppl {r['val_ppl_start']} -> {r['val_ppl_end']}, WikiText-2 {r['ppl']}")
+    print("wrote " + ", ".join(str(p) for p in written), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
