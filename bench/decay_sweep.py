@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -36,13 +35,12 @@ if str(REPO) not in sys.path:
 
 from ast_core.checkpoint import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
-from bench.ladder import (budget_config, budget_of, command_line, curve, fail, resolve_params,  # noqa: E402
+from bench.ladder import (bench_parser, budget_of, command_line, curve, fail, resolve_params, run_bench,  # noqa: E402
                           train_seconds)
-from bench.runner import RESULTS, WORK, Variant, VariantResult, run_all, stamp, write_json  # noqa: E402
+from bench.runner import Variant, stamp, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
-from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from tasks.config import ConfigError, PipelineConfig  # noqa: E402
 
-DEFAULT_PARAMS = "params/smollm2-quick.yaml"
 DEFAULT_LAMBDAS = (1e-4, 5e-4, 2e-3, 1e-2)
 DEFAULT_T0_FRACS = (0.25, 0.5)
 REFERENCE = "lambda0"
@@ -249,43 +247,27 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- running
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="bench/decay_sweep.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default=DEFAULT_PARAMS)
-    ap.add_argument("--steps", type=int, default=40, help="training steps of every run")
+    ap = bench_parser("decay_sweep.py", __doc__, steps=40, work="sweep")
     ap.add_argument("--lambdas", type=float, nargs="+", default=list(DEFAULT_LAMBDAS), metavar="LAMBDA",
                     help="λ_max values (> 0; the λ = 0 reference always runs)")
     ap.add_argument("--t0-fracs", type=float, nargs="+", default=list(DEFAULT_T0_FRACS), metavar="FRAC",
                     help="T0 as fractions of --steps")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override applied after the sweep's settings (repeatable)")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    ap.add_argument("--work", type=Path, default=WORK / "sweep", help="run directories (resumable)")
     return ap.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    params = resolve_params(args.params)
-    try:
-        base, cfg = budget_config(params, args.steps, SWEEP_SETTINGS, args.overrides)
-    except ConfigError as err:
-        return fail(err)
     runs = plan(args.steps, args.lambdas, args.t0_fracs)
-    b = budget_of(cfg)
-    print(f"decay sweep: {cfg.model.student}, {len(runs)} runs ({len(runs) - 1} λ_max × T0 + λ = 0), "
-          f"{b['steps']} steps × {b['batch']}×{b['seq_len']} = {b['tokens']:,} tokens each; work {args.work}",
-          flush=True)
-    start = time.perf_counter()
     try:
-        results: dict[str, VariantResult] = run_all(params, base, [v for v, _ in runs], Path(args.work).resolve(),
-                                                    stages=STAGES, log=lambda msg: print(msg, flush=True))
+        run = run_bench("decay sweep", resolve_params(args.params), args.steps, SWEEP_SETTINGS, args.overrides,
+                        [v for v, _ in runs], args.work, f"{len(runs)} runs ({len(runs) - 1} λ_max × T0 + λ = 0)")
     except (ConfigError, StageError) as err:
         return fail(err)
-    rows = [sweep_row(v.name, meta, results[v.name].metrics, results[v.name].history, b["steps"])
+    rows = [sweep_row(v.name, meta, run.results[v.name].metrics, run.results[v.name].history, run.budget["steps"])
             for v, meta in runs]
-    report = build_report(rows, cfg=cfg, params=args.params, command=command_line("decay_sweep.py", argv),
-                          stamp_=stamp(), wall_s=time.perf_counter() - start)
+    report = build_report(rows, cfg=run.cfg, params=args.params, command=command_line("decay_sweep.py", argv),
+                          stamp_=stamp(), wall_s=run.wall_s)
     written = write_outputs(report, args.out_dir)
     print(sweep_table(rows), end="")
     print(best_line(report))

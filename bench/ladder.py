@@ -28,6 +28,7 @@ import math
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,32 @@ def budget_config(params: str, steps: int, settings: list[str],
     """
     base = [*budget_overrides(load_config(params, overrides), steps), *settings, *overrides]
     return base, load_config(params, base)
+
+
+@dataclass
+class BenchRun:
+    """What a training benchmark ran: the shared config, its budget, every variant's result."""
+    cfg: PipelineConfig
+    budget: dict[str, int]
+    results: dict[str, VariantResult]
+    wall_s: float
+
+
+def run_bench(label: str, params: str, steps: int, settings: list[str], overrides: list[str],
+              variants: list[Variant], work: Path, what: str) -> BenchRun:
+    """The shared budget, one header line, then every variant (the ladder, the sweep, the SLoRB-init bench).
+
+    ``what`` says what the variants are in the header ("3 rung(s)"). Raises
+    :class:`ConfigError` / :class:`StageError` before or during the runs.
+    """
+    base, cfg = budget_config(params, steps, settings, overrides)
+    b = budget_of(cfg)
+    print(f"{label}: {cfg.model.student}, {what}, {b['steps']} steps × {b['batch']}×{b['seq_len']} "
+          f"= {b['tokens']:,} tokens each; work {work}", flush=True)
+    start = time.perf_counter()
+    results = run_all(params, base, variants, Path(work).resolve(), stages=STAGES,
+                      log=lambda msg: print(msg, flush=True))
+    return BenchRun(cfg, b, results, time.perf_counter() - start)
 
 
 def budget_of(cfg: PipelineConfig) -> dict[str, int]:
@@ -296,14 +323,20 @@ def as_runs(results: dict[str, VariantResult]) -> dict[str, dict[str, Any]]:
     return {name: {"metrics": r.metrics, "history": r.history} for name, r in results.items()}
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="bench/ladder.py", description=__doc__.split("\n")[0])
+def bench_parser(script: str, doc: str, steps: int, work: str) -> argparse.ArgumentParser:
+    """The options every training benchmark takes: preset, step budget, overrides, output and work dirs."""
+    ap = argparse.ArgumentParser(prog=f"bench/{script}", description=doc.split("\n")[0])
     ap.add_argument("--params", default=DEFAULT_PARAMS)
-    ap.add_argument("--steps", type=int, default=100, help="training steps of every trained method")
+    ap.add_argument("--steps", type=int, default=steps, help="training steps of every trained run")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override applied after the budget (repeatable)")
+                    help="config override applied after the bench's own settings (repeatable)")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    ap.add_argument("--work", type=Path, default=WORK / "ladder", help="run directories (resumable)")
+    ap.add_argument("--work", type=Path, default=WORK / work, help="run directories (resumable)")
+    return ap
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = bench_parser("ladder.py", __doc__, steps=100, work="ladder")
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="NAME",
                     help=f"run only these rungs ({', '.join(VARIANTS)})")
     return ap.parse_args(argv)
@@ -312,23 +345,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    params = resolve_params(args.params)
-    try:
-        base, cfg = budget_config(params, args.steps, [f"train.t0_steps={args.steps // 4}"], args.overrides)
-    except ConfigError as err:
-        return fail(err)
     chosen = variants(args.only)
-    b = budget_of(cfg)
-    print(f"ladder: {cfg.model.student}, {len(chosen)} rung(s), {b['steps']} steps × {b['batch']}×{b['seq_len']} "
-          f"= {b['tokens']:,} tokens per trained method; work {args.work}", flush=True)
-    start = time.perf_counter()
     try:
-        results = run_all(params, base, chosen, Path(args.work).resolve(), stages=STAGES,
-                          log=lambda msg: print(msg, flush=True))
+        run = run_bench("ladder", resolve_params(args.params), args.steps, [f"train.t0_steps={args.steps // 4}"],
+                        args.overrides, chosen, args.work, f"{len(chosen)} rung(s)")
     except (ConfigError, StageError) as err:
         return fail(err)
-    report = build_report(as_runs(results), cfg=cfg, params=args.params, command=command_line("ladder.py", argv),
-                          stamp_=stamp(), wall_s=time.perf_counter() - start)
+    report = build_report(as_runs(run.results), cfg=run.cfg, params=args.params,
+                          command=command_line("ladder.py", argv), stamp_=stamp(), wall_s=run.wall_s)
     written = write_outputs(report, args.out_dir)
     print(ladder_table(report["rows"]), end="")
     print("wrote " + ", ".join(str(p) for p in written), flush=True)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +29,12 @@ if str(REPO) not in sys.path:
 
 from ast_core.checkpoint import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
-from bench.ladder import (budget_config, budget_of, command_line, curve, fail, resolve_params,  # noqa: E402
-                          train_seconds)
-from bench.runner import RESULTS, WORK, Variant, run_all, stamp, write_json  # noqa: E402
+from bench.ladder import (bench_parser, budget_of, command_line, curve, fail, resolve_params,  # noqa: E402
+                          run_bench, train_seconds)
+from bench.runner import Variant, stamp, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig  # noqa: E402
 
-DEFAULT_PARAMS = "params/smollm2-quick.yaml"
 STAGES = ("cache-teacher", "train", "evaluate")  # compile changes no weight: not needed to measure quality
 SETTINGS = ["evaluate.zero_shot.enabled=false"]
 VARIANTS = {  # name -> (overrides, SLoRB init or None)
@@ -82,38 +80,23 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="bench/slorb_init.py", description=__doc__.split("\n")[0])
-    ap.add_argument("--params", default=DEFAULT_PARAMS)
-    ap.add_argument("--steps", type=int, default=40, help="training steps of every run")
-    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="config override applied after the bench's settings (repeatable)")
-    ap.add_argument("--out-dir", type=Path, default=RESULTS)
-    ap.add_argument("--work", type=Path, default=WORK / "slorb_init", help="run directories (resumable)")
-    return ap.parse_args(argv)
+    return bench_parser("slorb_init.py", __doc__, steps=40, work="slorb_init").parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    params = resolve_params(args.params)
-    try:  # the ladder's T0 (a quarter of the steps), so the rows compare with its AST rungs
-        base, cfg = budget_config(params, args.steps, [f"train.t0_steps={args.steps // 4}", *SETTINGS],
-                                  args.overrides)
-    except ConfigError as err:
-        return fail(err)
     variants = [Variant(name, list(overrides)) for name, (overrides, _) in VARIANTS.items()]
-    b = budget_of(cfg)
-    print(f"slorb init: {cfg.model.student}, {len(variants)} runs, {b['steps']} steps × {b['batch']}×{b['seq_len']} "
-          f"= {b['tokens']:,} tokens each; work {args.work}", flush=True)
-    start = time.perf_counter()
-    try:
-        results = run_all(params, base, variants, Path(args.work).resolve(), stages=STAGES,
-                          log=lambda msg: print(msg, flush=True))
+    try:  # the ladder's T0 (a quarter of the steps), so the rows compare with its AST rungs
+        run = run_bench("slorb init", resolve_params(args.params), args.steps,
+                        [f"train.t0_steps={args.steps // 4}", *SETTINGS], args.overrides, variants, args.work,
+                        f"{len(variants)} runs")
     except (ConfigError, StageError) as err:
         return fail(err)
-    rows = [row(v.name, results[v.name].metrics, results[v.name].history, b["steps"]) for v in variants]
-    report = build_report(rows, cfg=cfg, params=args.params, command=command_line("slorb_init.py", argv),
-                          stamp_=stamp(), wall_s=time.perf_counter() - start)
+    rows = [row(v.name, run.results[v.name].metrics, run.results[v.name].history, run.budget["steps"])
+            for v in variants]
+    report = build_report(rows, cfg=run.cfg, params=args.params, command=command_line("slorb_init.py", argv),
+                          stamp_=stamp(), wall_s=run.wall_s)
     written = write_outputs(report, args.out_dir)
     for r in rows:
         print(f"{r['label']:>34}: val ppl {r['val_ppl_start']} -> {r['val_ppl_end']}, WikiText-2 {r['ppl']}")
