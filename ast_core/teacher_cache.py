@@ -172,4 +172,3 @@ def build_cache(root: Path, teacher: torch.nn.Module, blocks: np.ndarray, fp: di
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return TeacherCache(root, fp)
-

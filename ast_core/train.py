@@ -374,4 +374,3 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     student.eval()
     return TrainResult(steps=min(cfg.steps, start + done_this_call), tokens=tokens, last_flip=last_flip,
                        history=history, resumed_from=resumed_from)
-
