@@ -40,9 +40,17 @@ class PerplexityResult:
     nll_mean: float  # mean next-token NLL (nats) over all predicted tokens
     tokens: int      # predicted tokens: windows · (seq_len − 1)
     windows: int     # windows scored
+    window_nll: tuple[float, ...] = ()  # mean NLL of each window, in order (for intervals and paired tests)
+
+    @property
+    def interval(self) -> tuple[float, float] | None:
+        """95% bootstrap interval of the perplexity over windows (None for a single window)."""
+        from .intervals import ppl_interval
+        return ppl_interval(self.window_nll) if len(self.window_nll) > 1 else None
 
     def as_dict(self) -> dict:
-        return {"ppl": self.ppl, "nll_mean": self.nll_mean, "tokens": self.tokens, "windows": self.windows}
+        return {"ppl": self.ppl, "nll_mean": self.nll_mean, "tokens": self.tokens, "windows": self.windows,
+                "ppl_ci95": list(self.interval) if self.interval else None, "window_nll": list(self.window_nll)}
 
 
 def _as_stream(input_ids: torch.Tensor | Sequence[int]) -> torch.Tensor:
@@ -72,7 +80,7 @@ def perplexity(model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], 
 
     ``ppl = exp(mean_w loss_w)`` with ``loss_w`` the mean NLL of window ``w``'s
     ``seq_len − 1`` next-token predictions (module docstring). ``max_windows``
-    scores only the first windows (a cheap, comparable prefix). ``batch_size``
+    scores only the first windows (a cheap, comparable prefix; None: the whole stream). ``batch_size``
     windows run per forward; it does not change the result beyond float noise.
     The model runs in eval mode under ``no_grad``; its training flag is restored.
     """
@@ -95,14 +103,16 @@ def perplexity(model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], 
     was_training = model.training
     model.eval()
     total_nll = 0.0
+    per_window: list[float] = []
     bar = progress_bar(range(0, n_windows, batch_size), progress, "perplexity", total=-(-n_windows // batch_size))
     try:
         for b in bar:
             batch = windows[b:b + batch_size].to(device)
             logits = model(input_ids=batch, use_cache=False).logits
             nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-                                  batch[:, 1:].reshape(-1), reduction="sum")
-            total_nll += nll.item()
+                                  batch[:, 1:].reshape(-1), reduction="none").view(len(batch), -1)
+            per_window.extend(nll.mean(dim=1).tolist())
+            total_nll += nll.sum().item()
             if hasattr(bar, "set_postfix"):
                 done = min(b + batch_size, n_windows)
                 bar.set_postfix(ppl=f"{math.exp(total_nll / (done * (seq_len - 1))):.3f}")
@@ -110,7 +120,8 @@ def perplexity(model: PreTrainedModel, input_ids: torch.Tensor | Sequence[int], 
         model.train(was_training)
     tokens = n_windows * (seq_len - 1)
     nll_mean = total_nll / tokens
-    return PerplexityResult(ppl=math.exp(nll_mean), nll_mean=nll_mean, tokens=tokens, windows=n_windows)
+    return PerplexityResult(ppl=math.exp(nll_mean), nll_mean=nll_mean, tokens=tokens, windows=n_windows,
+                            window_nll=tuple(per_window))
 
 
 def wikitext2_perplexity(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seq_len: int = 512,

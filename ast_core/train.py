@@ -12,8 +12,9 @@ One step (DESIGN.md §1):
 7. every ``eval_every`` steps (when validation blocks are given) the mean
    next-token loss on that fixed slice, for perplexity-vs-tokens curves.
 
-Methods: ``naive`` = fixed mask, CE only, λ=0; ``ast-naive`` = adaptive mask +
-decay + KD; ``ast-boosted`` = ast-naive + SLoRB (attached by the caller).
+Methods (:mod:`ast_core.recipe`): ``naive`` = fixed mask, CE only, λ=0;
+``fixed-kd`` = fixed mask, λ=0, KD; ``ast-naive`` = adaptive mask + decay + KD;
+``ast-boosted`` = ast-naive + SLoRB (attached by the caller).
 The loop is deterministic on CPU: resuming from a checkpoint gives bitwise the
 same weights as an uninterrupted run. Under ``torchrun`` (``dist``) each rank
 trains on its slice of every global batch with DDP-averaged gradients and only

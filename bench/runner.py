@@ -69,10 +69,14 @@ def shared_base(params: str, base: list[str], root: Path, method: str = "ast-nai
 
 
 def run_variant(shared: RunContext, cfg: PipelineConfig, variant: Variant, root: Path,
-                stages: tuple[str, ...] = ("cache-teacher", "train", "compile", "evaluate")) -> VariantResult:
-    """Run ``stages`` of one variant in ``<root>/<name>`` on the shared inputs; returns what it measured."""
+                stages: tuple[str, ...] = ("cache-teacher", "train", "compile", "evaluate"),
+                resume: bool = False) -> VariantResult:
+    """Run ``stages`` of one variant in ``<root>/<name>`` on the shared inputs; returns what it measured.
+
+    ``resume``: an interrupted training continues from its last checkpoint (else it starts over).
+    """
     from tasks.pipeline import run_stage
-    ctx = RunContext.create(cfg, root / variant.name, progress=False)
+    ctx = RunContext.create(cfg, root / variant.name, resume=resume, progress=False)
     ctx.claim()
     link_shared(shared, ctx, cache=variant.share_cache)
     run_stage(ctx, "prepare")  # the linked files match: it only records itself as done here

@@ -30,6 +30,7 @@ from typing import Any
 from prefect import flow
 
 from ast_core.checkpoint import atomic_write_json, atomic_write_text
+from ast_core.recipe import METHOD_NAMES
 from tasks.common import REPO_ROOT, RunContext, configure_threads
 from tasks.shared import link_shared
 from tasks.config import PipelineConfig, load_config
@@ -38,8 +39,7 @@ from flows.ast_pipeline import ast_pipeline, run_stage_task, run_stages
 
 log = logging.getLogger("ast_pipeline")
 
-METHODS = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt", "naive", "ast-naive",
-           "ast-boosted")
+METHODS = METHOD_NAMES  # every method of the registry, in its order
 SHARED = "shared"
 SHARED_METHOD = "ast-boosted"  # a method with a teacher, so the shared base builds the cache
 

@@ -15,11 +15,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from ast_core.recipe import METHOD_NAMES, method as method_spec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Method = Literal["dense", "naive", "ast-naive", "ast-boosted",
-                 "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt"]
-TRAINED_METHODS = ("naive", "ast-naive", "ast-boosted")
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the registry in ast_core.recipe
 ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
                    "openbookqa", "piqa", "lambada_openai")
 
@@ -125,12 +124,17 @@ class TrainConfig(_Section):
         return self.t0_steps if self.t0_steps is not None else max(1, self.steps // 4)
 
     @property
+    def spec(self):
+        """What the method does (:data:`ast_core.recipe.METHODS`)."""
+        return method_spec(self.method)
+
+    @property
     def uses_kd(self) -> bool:
-        return self.method in ("ast-naive", "ast-boosted")
+        return self.spec.distils
 
     @property
     def adaptive(self) -> bool:
-        return self.method in ("ast-naive", "ast-boosted")
+        return self.spec.adaptive
 
     @property
     def wanda_refresh(self) -> bool:

@@ -29,7 +29,8 @@ def fingerprint(ctx: RunContext) -> str:
 def _measure(ctx: RunContext, model, tok) -> dict:
     e = ctx.cfg.evaluate
     ppl = wikitext2_perplexity(model, tok, seq_len=e.seq_len, max_windows=e.max_windows, progress=ctx.progress)
-    out = {"ppl": ppl.ppl, "windows": ppl.windows}
+    out = {"ppl": ppl.ppl, "windows": ppl.windows, "ppl_ci95": list(ppl.interval) if ppl.interval else None,
+           "window_nll": list(ppl.window_nll)}
     if e.zero_shot.enabled:
         from ast_core.zeroshot import zero_shot
         out["zero_shot"] = zero_shot(model, tok, e.zero_shot.tasks, limit=e.zero_shot.limit,
@@ -106,6 +107,11 @@ def run(ctx: RunContext) -> dict:
         "ppl_wikitext2": sparse["ppl"],
         "ppl_wikitext2_dense": dense["ppl"],
         "ppl_windows": sparse["windows"],
+        # 95% bootstrap intervals over windows, and the sparse/dense ratio paired on the same windows
+        "ppl_wikitext2_ci95": sparse.get("ppl_ci95"),
+        "ppl_wikitext2_dense_ci95": dense.get("ppl_ci95"),
+        "ppl_ratio_to_dense": _paired_ratio(sparse, dense),
+        "ppl_window_nll": sparse.get("window_nll"),
         "ppl_seq_len": c.evaluate.seq_len,
         "zero_shot": sparse["zero_shot"],
         "zero_shot_dense": dense["zero_shot"],
@@ -122,11 +128,25 @@ def run(ctx: RunContext) -> dict:
     return metrics
 
 
+def _paired_ratio(a: dict, b: dict) -> list[float] | None:
+    """``[ppl_a/ppl_b, lo, hi]`` (paired bootstrap over the same windows), None without per-window losses."""
+    from ast_core.intervals import ppl_ratio_interval
+    wa, wb = a.get("window_nll") or [], b.get("window_nll") or []
+    if len(wa) < 2 or len(wa) != len(wb):
+        return None
+    return list(ppl_ratio_interval(wa, wb))
+
+
+def _ci(v: list[float] | None) -> str:
+    return f" [{v[0]:.2f}, {v[1]:.2f}]" if v else ""
+
+
 def table(m: dict) -> str:
     rows = [f"| metric | dense | {m['method']} | delta |", "|---|---|---|---|",
-            f"| WikiText-2 ppl ({m['ppl_windows']}×{m['ppl_seq_len']} tokens) | {m['ppl_wikitext2_dense']:.2f} "
-            f"| {m['ppl_wikitext2']:.2f} | {m['ppl_wikitext2'] - m['ppl_wikitext2_dense']:+.2f} |"]
+            f"| WikiText-2 ppl ({m['ppl_windows']}×{m['ppl_seq_len']} tokens) | {m['ppl_wikitext2_dense']:.2f}"
+            f"{_ci(m.get('ppl_wikitext2_dense_ci95'))} | {m['ppl_wikitext2']:.2f}{_ci(m.get('ppl_wikitext2_ci95'))} "
+            f"| {m['ppl_wikitext2'] - m['ppl_wikitext2_dense']:+.2f} |"]
     for task, acc in m["zero_shot"].items():
         d = m["zero_shot_dense"].get(task, float("nan"))
         rows.append(f"| {task} acc | {d:.4f} | {acc:.4f} | {acc - d:+.4f} |")
-    return "\n".join(rows) + "\n"
+    return "\n".join(rows) + "\n\n[lo, hi]: 95% bootstrap interval over the evaluation windows.\n"

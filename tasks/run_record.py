@@ -108,6 +108,9 @@ def stage_metrics(ctx: RunContext, stage: str, result: dict) -> dict[str, float]
     elif stage == "evaluate":
         m = {k: result.get(k) for k in ("ppl_wikitext2", "ppl_wikitext2_dense", "tokens_trained",
                                          "flip_rate_final", "compressed_ratio")}
+        for key in ("ppl_wikitext2_ci95", "ppl_wikitext2_dense_ci95"):
+            lo_hi = result.get(key) or [None, None]
+            m[f"{key}_lo"], m[f"{key}_hi"] = lo_hi[0], lo_hi[1]
         for prefix in ("zero_shot", "zero_shot_dense"):
             scores = result.get(prefix) or {}
             m.update({f"{prefix}/{task}": acc for task, acc in scores.items()})

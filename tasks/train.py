@@ -22,6 +22,7 @@ from ast_core.checkpoint import atomic_write_json, atomic_write_text, load_model
 from ast_core.masks import magnitude_score, nm_mask, wanda_score
 from ast_core.models import load_model
 from ast_core.oneshot import oneshot_prune
+from ast_core.recipe import method as method_spec
 from ast_core.slorb import add_slorb, check_group_size
 from ast_core.sparse import sparse_layers, sparsify
 from ast_core.teacher_cache import TeacherCache
@@ -61,7 +62,7 @@ def build_student(ctx: RunContext) -> torch.nn.Module:
     c = ctx.cfg
     model = load_model(c.model.student, torch_dtype(c.model.dtype), seed=c.seed,
                        trust_remote_code=c.model.trust_remote_code)
-    if c.train.method != "dense":
+    if c.train.spec.sparse:
         sparsify(model, c.sparsity.n, c.sparsity.m, c.sparsity.exclude)
     return model
 
@@ -77,8 +78,8 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
     ckpt_dir = out / "checkpoints"
     env = DistEnv.from_env()
     device = env.device(c.train.device)
-    method = c.train.method
-    if env.enabled and (method == "dense" or method.startswith("oneshot-")):
+    method, spec = c.train.method, c.train.spec
+    if env.enabled and not spec.trains:
         raise StageError(f"train.method {method} trains nothing: run it as one process, not under torchrun")
     distributed.init(env, device)
     resuming = ctx.resume and (ckpt_dir / "latest").exists()
@@ -90,9 +91,9 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
     model = build_student(ctx)
     info: dict = {"method": method}
     final: torch.nn.Module | dict[str, torch.Tensor] = model  # what train/final holds
-    if method.startswith("oneshot-"):
-        info.update(oneshot_prune(model, method.removeprefix("oneshot-"), _calib_batches(ctx)))
-    elif method != "dense":
+    if spec.oneshot:
+        info.update(oneshot_prune(model, spec.oneshot, _calib_batches(ctx)))
+    elif spec.trains:
         refresh_scale = None
         if not resuming:  # a resume takes its masks and refresh scales from the checkpoint
             stats = (collect_act_sq_mean(model, _calib_batches(ctx))
@@ -100,7 +101,7 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
             init_masks(model, c.sparsity.init_mask, stats)
             if c.train.wanda_refresh:
                 refresh_scale = {name: s.sqrt() for name, s in stats.items()}
-        if method == "ast-boosted":
+        if spec.slorb:
             cross = None  # mean init; a resume loads S from the checkpoint either way
             if c.train.slorb_init == "lstsq" and not resuming:
                 check_group_size(model, c.train.slorb_group)  # before the calibration pass
@@ -186,7 +187,7 @@ def save_final(ctx: RunContext, model: torch.nn.Module | dict[str, torch.Tensor]
     tmp.replace(final / "model.safetensors")
     meta = {"student": c.model.student, "dtype": c.model.dtype, "seed": c.seed, "method": c.train.method,
             "n": c.sparsity.n, "m": c.sparsity.m, "exclude": c.sparsity.exclude,
-            "slorb_group": c.train.slorb_group if c.train.method == "ast-boosted" else None,
+            "slorb_group": c.train.slorb_group if c.train.spec.slorb else None,
             "slorb_trainable_projection": c.train.slorb_trainable_projection, **info}
     atomic_write_json(final / "meta.json", meta)
 
@@ -202,7 +203,7 @@ def load_trained(ctx: RunContext) -> torch.nn.Module:
 def load_final(final: Path, meta: dict, trust_remote_code: bool = False) -> torch.nn.Module:
     model = load_model(meta["student"], torch_dtype(meta["dtype"]), seed=meta["seed"],
                        trust_remote_code=trust_remote_code)
-    if meta["method"] != "dense":
+    if method_spec(meta["method"]).sparse:
         sparsify(model, meta["n"], meta["m"], meta["exclude"])
     if meta.get("slorb_group"):
         add_slorb(model, meta["slorb_group"], meta["slorb_trainable_projection"])

@@ -1,0 +1,345 @@
+"""The fair method ladder: does AST's adaptive mask beat a fixed mask trained with the same distillation?
+
+Every trained rung of one seed starts from the same initial (Wanda) mask,
+reads the same blocks in the same order, with the same LR schedule, the same
+teacher targets and the same number of tokens; rungs differ only in what the
+table below says. Seeds change the data split, the block order and the sampled
+teacher targets, for every rung alike.
+
+  dense · oneshot-magnitude / -wanda / -sparsegpt (calibration: ``--calib-blocks``)
+  naive       fixed mask, CE only
+  fixed-kd    fixed mask, the same KD as AST (no refresh, no decay): the control
+  ast-paper   AST as the paper's text: magnitude refresh, v tracks u², λ_max = 1e-4 × 40k / steps
+  ast-official AST as the official code: frozen-Wanda refresh, v tracks u², the same λ
+  ast-default AST with the preset's settings (the library default)
+  ast-boosted-mean / -lstsq  AST-Boosted with the paper's / the least-squares SLoRB init
+
+The paper's λ_max = 1e-4 was set for 40k steps; ``ast-paper`` keeps λ_max·steps
+(the decay's integral over the run) at the paper's value, T0 = 25% of steps.
+
+Evaluation: WikiText-2 test over ``--windows`` windows of 512 tokens (≥ 128 =
+64k tokens) with a 95% bootstrap interval over windows, and each rung's ratio
+to ``fixed-kd`` paired on the same windows; C4 validation perplexity on the
+held-out blocks during training (the curve, and the split on which "AST in its
+best setting" is chosen for the larger budgets, never the test split).
+
+Jobs run in priority order (the decisive rungs first, then the larger budgets,
+then the rest); each finished job is written to ``<work>/jobs/`` and skipped on
+a re-run, an unfinished one resumes from its last checkpoint, and the report is
+rebuilt after every job, so an interrupted run reports what it finished.
+
+    python -m bench.fair_ladder [--params params/smollm2-quick.yaml] [--seeds 0 1 2] [--steps 40 160 640]
+                                [--windows 128] [--work artifacts/bench/fair_ladder] [--report-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from ast_core.checkpoint import atomic_write_text  # noqa: E402
+from ast_core.intervals import mean_sd, ppl_ratio_interval  # noqa: E402
+from bench import plotting  # noqa: E402
+from bench.ladder import fail, gap_closed, resolve_params  # noqa: E402
+from bench.runner import RESULTS, WORK, Variant, run_variant, shared_base, stamp, write_json  # noqa: E402
+from tasks.common import StageError, configure_threads  # noqa: E402
+from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+
+PAPER_LAMBDA, PAPER_STEPS = 1e-4, 40_000
+STAGES = ("cache-teacher", "train", "evaluate")
+ONE_SHOT = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt")
+AST_CHOICES = ("ast-paper", "ast-official", "ast-default")  # "AST in its best setting" is one of these
+CONTROL = "fixed-kd"
+
+
+def rung_overrides(name: str, steps: int) -> list[str]:
+    """What makes rung ``name`` differ from the shared base at a budget of ``steps`` steps."""
+    lam = min(1.0, PAPER_LAMBDA * PAPER_STEPS / steps)
+    paper = [f"train.lambda_max={lam:.6g}", f"train.t0_steps={max(1, steps // 4)}", "train.second_moment=update"]
+    table = {
+        "dense": ["train.method=dense"],
+        "oneshot-magnitude": ["train.method=oneshot-magnitude"],
+        "oneshot-wanda": ["train.method=oneshot-wanda"],
+        "oneshot-sparsegpt": ["train.method=oneshot-sparsegpt"],
+        "naive": ["train.method=naive"],
+        "fixed-kd": ["train.method=fixed-kd"],
+        "ast-paper": ["train.method=ast-naive", "train.refresh_score=magnitude", *paper],
+        "ast-official": ["train.method=ast-naive", "train.refresh_score=wanda", *paper],
+        # the preset's own AST settings; T0 kept at the preset's share of the steps (50%)
+        "ast-default": ["train.method=ast-naive", f"train.t0_steps={max(1, steps // 2)}"],
+        "ast-boosted-mean": ["train.method=ast-boosted", "train.slorb_init=mean",
+                             f"train.t0_steps={max(1, steps // 2)}"],
+        "ast-boosted-lstsq": ["train.method=ast-boosted", "train.slorb_init=lstsq",
+                              f"train.t0_steps={max(1, steps // 2)}"],
+    }
+    if name not in table:
+        raise ConfigError(f"unknown rung {name!r}; known: {', '.join(table)}")
+    return table[name]
+
+
+RUNGS = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt", "naive", "fixed-kd",
+         "ast-paper", "ast-official", "ast-default", "ast-boosted-mean", "ast-boosted-lstsq")
+
+
+def base_overrides(steps: int, seed: int, windows: int | None, calib_blocks: int, val_blocks: int,
+                   batch: int) -> list[str]:
+    """The settings every rung of one (budget, seed) shares."""
+    return [f"seed={seed}", f"train.steps={steps}", f"data.max_train_blocks={steps * batch}",
+            f"train.eval_every={max(1, steps // 4)}", f"train.checkpoint_every={min(steps, 40)}",
+            f"data.calib_blocks={calib_blocks}", f"data.val_blocks={val_blocks}",
+            f"evaluate.max_windows={'null' if windows is None else windows}",
+            "evaluate.zero_shot.enabled=false"]
+
+
+@dataclass(frozen=True)
+class Job:
+    steps: int
+    seed: int
+    rung: str
+
+    @property
+    def key(self) -> str:
+        return f"s{self.steps}-seed{self.seed}-{self.rung}"
+
+
+def plan(seeds: list[int], budgets: list[int], best: str | None) -> list[Job]:
+    """Jobs in priority order: what decides the question first, then the larger budgets, then the rest."""
+    small, larger = budgets[0], budgets[1:]
+    decisive = (CONTROL, "ast-paper", "ast-default", "ast-official")
+    jobs = [Job(small, s, r) for s in seeds for r in decisive]
+    jobs += [Job(small, seeds[0], r) for r in ("dense", "oneshot-sparsegpt")]
+    for b in larger:  # one seed at the larger budgets
+        jobs += [Job(b, seeds[0], r) for r in dict.fromkeys((CONTROL, "ast-paper", best or "ast-default"))]
+    jobs += [Job(small, seeds[0], r) for r in ("oneshot-wanda", "oneshot-magnitude")]
+    jobs += [Job(small, s, r) for s in seeds for r in ("naive", "ast-boosted-lstsq", "ast-boosted-mean")]
+    return list(dict.fromkeys(jobs))
+
+
+def job_config(params: str, job: Job, args: argparse.Namespace) -> tuple[list[str], PipelineConfig]:
+    pre = load_config(params, args.overrides)
+    batch = pre.train.batch_size * pre.train.grad_accum
+    base = [*base_overrides(job.steps, job.seed, args.windows, args.calib_blocks, args.val_blocks, batch),
+            *args.overrides]
+    return base, load_config(params, [*base, *rung_overrides(job.rung, job.steps)])
+
+
+def git_commit() -> str | None:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, check=False)
+    return out.stdout.strip() or None
+
+
+def run_job(params: str, job: Job, args: argparse.Namespace, commit: str | None) -> dict[str, Any]:
+    base, cfg = job_config(params, job, args)
+    root = Path(args.work).resolve() / f"steps{job.steps}" / f"seed{job.seed}"
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    shared = shared_base(params, base, root)
+    v = Variant(job.rung, rung_overrides(job.rung, job.steps))
+    r = run_variant(shared, cfg, v, root, STAGES, resume=True)
+    return {"job": job.__dict__, "started": started, "commit_at_start": commit,
+            "config": cfg.model_dump(mode="json"), "metrics": r.metrics, "history": r.history,
+            "train": r.train, "wall_s": r.wall_s}
+
+
+# ----------------------------------------------------------------------------- results -> rows
+
+def mask_change(history: list[dict]) -> tuple[float | None, float | None]:
+    """(cumulative share of mask bits changed vs the initial mask at the end, mean per-refresh flip rate)."""
+    flips = [h for h in history if "flip_rate_prev" in h]
+    if not flips:
+        return None, None
+    return float(flips[-1]["flip_rate_init"]), sum(h["flip_rate_prev"] for h in flips) / len(flips)
+
+
+def final_val_ppl(history: list[dict]) -> float | None:
+    vals = [h["val_ppl"] for h in history if "val_ppl" in h]
+    return float(vals[-1]) if vals else None
+
+
+def best_ast(results: list[dict], steps: int) -> str | None:
+    """The AST setting with the lowest mean final C4 *validation* perplexity at ``steps`` (never the test)."""
+    means = {}
+    for name in AST_CHOICES:
+        vals = [final_val_ppl(r["history"]) for r in results
+                if r["job"]["rung"] == name and r["job"]["steps"] == steps]
+        vals = [v for v in vals if v is not None]
+        if vals:
+            means[name] = sum(vals) / len(vals)
+    return min(means, key=means.get) if means else None
+
+
+def summarize(results: list[dict]) -> list[dict[str, Any]]:
+    """One row per (budget, rung): ppl mean ± sd over seeds, per-seed ppl + CI, ratio to fixed-kd (paired)."""
+    by: dict[tuple[int, str], list[dict]] = {}
+    for r in results:
+        by.setdefault((r["job"]["steps"], r["job"]["rung"]), []).append(r)
+    ref = {(r["job"]["steps"], r["job"]["seed"]): r for r in results if r["job"]["rung"] == CONTROL}
+    dense = next((r["metrics"]["ppl_wikitext2_dense"] for r in results if "ppl_wikitext2_dense" in r["metrics"]),
+                 None)
+    sgpt = [r["metrics"]["ppl_wikitext2"] for r in results if r["job"]["rung"] == "oneshot-sparsegpt"]
+    rows = []
+    for (steps, rung), rs in sorted(by.items(), key=lambda kv: (kv[0][0], RUNGS.index(kv[0][1]))):
+        rs = sorted(rs, key=lambda r: r["job"]["seed"])
+        ppls = [r["metrics"]["ppl_wikitext2"] for r in rs]
+        mean, sd = mean_sd(ppls)
+        ratios = []
+        for r in rs:
+            c = ref.get((steps, r["job"]["seed"]))
+            if c is not None and rung != CONTROL and r["metrics"].get("ppl_window_nll") \
+                    and c["metrics"].get("ppl_window_nll"):
+                ratios.append(ppl_ratio_interval(r["metrics"]["ppl_window_nll"], c["metrics"]["ppl_window_nll"]))
+        cum, per = zip(*(mask_change(r["history"]) for r in rs))
+        vals = [v for v in (final_val_ppl(r["history"]) for r in rs) if v is not None]
+        tps = [h["tokens_per_s"] for r in rs for h in r["history"] if "tokens_per_s" in h]
+        rows.append({
+            "steps": steps, "rung": rung, "seeds": [r["job"]["seed"] for r in rs],
+            "tokens": int(rs[0]["metrics"].get("tokens_trained", 0)),
+            "ppl": ppls, "ppl_mean": mean, "ppl_sd": sd,
+            "ppl_ci95": [r["metrics"].get("ppl_wikitext2_ci95") for r in rs],
+            "windows": rs[0]["metrics"].get("ppl_windows"),
+            "ratio_to_control": ratios,
+            "gap_closed": gap_closed(mean, sgpt[0] if sgpt else None, dense),
+            "val_ppl_mean": sum(vals) / len(vals) if vals else None,
+            "mask_change_vs_init": [c for c in cum if c is not None] or None,
+            "flip_per_refresh": [p for p in per if p is not None] or None,
+            "tokens_per_s": sum(tps) / len(tps) if tps else None,
+        })
+    return rows
+
+
+def _f(v: float | None, spec: str) -> str:
+    return "—" if v is None else format(v, spec)
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = ["budget (tokens)", "rung", "seeds", "WikiText-2 ppl (mean ± sd)", "per seed [95% CI]",
+            "ppl / fixed-kd, paired [95% CI]", "gap closed vs SparseGPT", "C4 val ppl",
+            "mask change vs initial", "flips per refresh", "tokens/s"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        sd = f" ± {r['ppl_sd']:.2f}" if r["ppl_sd"] is not None else ""
+        per = "; ".join(f"{p:.2f}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c else "")
+                        for p, c in zip(r["ppl"], r["ppl_ci95"]))
+        ratio = "; ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, lo, hi in r["ratio_to_control"]) or "—"
+        cum = ", ".join(f"{c:.2%}" for c in r["mask_change_vs_init"]) if r["mask_change_vs_init"] else "—"
+        per_r = ", ".join(f"{c:.3%}" for c in r["flip_per_refresh"]) if r["flip_per_refresh"] else "—"
+        lines.append("| " + " | ".join([f"{r['tokens']:,}", r["rung"], ",".join(map(str, r["seeds"])),
+                                        f"{r['ppl_mean']:.2f}{sd}", per, ratio, _f(r["gap_closed"], ".1%"),
+                                        _f(r["val_ppl_mean"], ".2f"), cum, per_r,
+                                        _f(r["tokens_per_s"], ".0f")]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(report: dict[str, Any]) -> str:
+    s = report["stamp"]
+    return "\n".join([
+        "## Fair method ladder: adaptive vs fixed mask with the same distillation",
+        "",
+        f"Started {report['started']} at commit {report['commit_at_start']} on {s['machine']} (torch {s['torch']}, "
+        f"{s['threads']} threads); params `{report['params']}`; {report['done']} of {report['planned']} planned "
+        "jobs finished.",
+        "",
+        f"Evaluation: WikiText-2 test, {report['windows'] or 'all'} windows × {report['eval_seq_len']} tokens; intervals are 95% bootstrap "
+        "intervals over windows; the ratio to fixed-kd is paired on the same windows and the same seed. "
+        f"One-shot calibration: {report['calib_blocks']} blocks × {report['seq_len']} tokens. "
+        "\"AST in its best setting\" for the larger budgets is chosen on C4 validation perplexity "
+        f"(held-out blocks), never on the test split: **{report['best_ast']}**.",
+        "",
+        table(report["rows"]),
+        "Plot: `fair_ladder.png` (C4 validation perplexity vs training tokens, seed 0).",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+    ])
+
+
+def write_report(results: list[dict], args: argparse.Namespace, planned: int, commit: str | None,
+                 started: str, best: str | None, params: str) -> None:
+    out = Path(args.out_dir)
+    pre = load_config(params, args.overrides)
+    report = {"stamp": stamp(), "started": started, "commit_at_start": commit, "params": args.params,
+              "command": "python -m bench.fair_ladder " + " ".join(sys.argv[1:]),
+              "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": pre.data.seq_len,
+              "eval_seq_len": pre.evaluate.seq_len,
+              "planned": planned, "done": len(results), "best_ast": best,
+              "rows": summarize(results),
+              "curves": {f"{r['job']['rung']} ({r['job']['steps']} steps)":
+                         [[h["tokens"], h["val_ppl"]] for h in r["history"] if "val_ppl" in h]
+                         for r in results if r["job"]["seed"] == min(args.seeds) and r["history"]},
+              "jobs": [{k: r[k] for k in ("job", "started", "commit_at_start", "config", "wall_s")} for r in results]}
+    write_json(out / "fair_ladder.json", report)
+    atomic_write_text(out / "fair_ladder.md", render(report))
+    series = {n: ([p[0] for p in pts], [p[1] for p in pts]) for n, pts in report["curves"].items() if pts}
+    if series:
+        plotting.line_plot(out / "fair_ladder.png", series,
+                           title="C4 validation perplexity vs training tokens (seed 0)",
+                           xlabel="training tokens", ylabel="perplexity (log scale)", logy=True)
+
+
+def load_done(work: Path) -> dict[str, dict]:
+    jobs = work / "jobs"
+    return {p.stem: json.loads(p.read_text()) for p in sorted(jobs.glob("*.json"))} if jobs.is_dir() else {}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench.fair_ladder", description=__doc__.split("\n")[0])
+    ap.add_argument("--params", default="params/smollm2-quick.yaml")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--steps", type=int, nargs="+", default=[40, 160, 640],
+                    help="budgets in steps; the first is the full ladder, the others the decisive rungs")
+    ap.add_argument("--windows", type=lambda v: None if v == "all" else int(v), default=128,
+                    help="WikiText-2 windows of 512 tokens (all: the whole test split)")
+    ap.add_argument("--calib-blocks", type=int, default=256, help="calibration blocks (one-shot + initial mask)")
+    ap.add_argument("--val-blocks", type=int, default=64, help="held-out C4 blocks for validation")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--out-dir", type=Path, default=RESULTS)
+    ap.add_argument("--work", type=Path, default=WORK / "fair_ladder")
+    ap.add_argument("--max-jobs", type=int, default=None, help="stop after this many new jobs")
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished jobs")
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    params = resolve_params(args.params)
+    work = Path(args.work).resolve()
+    configure_threads()
+    commit = git_commit()
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    done = load_done(work)
+    ran = 0
+    try:
+        while True:
+            results = list(done.values())
+            best = best_ast(results, args.steps[0])
+            jobs = plan(args.seeds, args.steps, best)
+            write_report(results, args, len(jobs), commit, started, best, params)
+            todo = [j for j in jobs if j.key not in done]
+            if args.report_only or not todo or (args.max_jobs is not None and ran >= args.max_jobs):
+                break
+            job = todo[0]
+            print(f"[{len(done) + 1}/{len(jobs)}] {job.key}", flush=True)
+            t = time.perf_counter()
+            res = run_job(params, job, args, commit)
+            write_json(work / "jobs" / f"{job.key}.json", res)
+            done[job.key] = res
+            ran += 1
+            print(f"    ppl {res['metrics'].get('ppl_wikitext2', float('nan')):.2f} "
+                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+    except (ConfigError, StageError) as err:
+        return fail(err)
+    print(table(summarize(list(done.values()))), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
