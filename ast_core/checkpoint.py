@@ -25,51 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from . import sharding
+from .atomic import atomic_write_text, fsync_dir, fsync_file
+from .errors import ASTError
 
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(ASTError, RuntimeError):
     """A checkpoint that cannot be read or does not fit the model; names the file."""
-
-
-def fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory + fsync + rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
 
 
 def state_dict_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -175,7 +138,7 @@ def _write_step_dir(root: Path, final: Path, step: int, model: torch.nn.Module |
         }
         for fname, tensors in files.items():
             save_file(tensors, str(tmp / fname))
-            _fsync_file(tmp / fname)
+            fsync_file(tmp / fname)
         full_state = dict(state, step=step, optimizer=opt_meta)
         with open(tmp / "state.json", "w", encoding="utf-8") as fh:
             json.dump(full_state, fh, indent=2, sort_keys=True)

@@ -30,21 +30,21 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .atomic import atomic_path, atomic_write_json
 from .sparse import sparse_layers
+from .errors import ASTError
 
 FORMAT_VERSION = 1
 _INT_VIEW = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-class CompressionError(ValueError):
+class CompressionError(ASTError, ValueError):
     """A weight that is not N:M (or metadata that is corrupt); the message says where."""
 
 
@@ -262,21 +262,10 @@ def save_compressed(model: nn.Module, out_dir: str | Path, n: int = 2, m: int = 
         "bytes": {"sparse_linear_compressed": sparse_bytes, "sparse_linear_dense": dense_equiv,
                   "other_dense": dense_rest},
     }
-    _atomic_write(out / "compressed.safetensors", lambda p: save_file(tensors, str(p)))
-    _atomic_write(out / "compressed.json",
-                  lambda p: Path(p).write_text(json.dumps(manifest, indent=2, sort_keys=True)))
+    with atomic_path(out / "compressed.safetensors") as tmp:
+        save_file(tensors, str(tmp))
+    atomic_write_json(out / "compressed.json", manifest)
     return byte_report(out)
-
-
-def _atomic_write(path: Path, write) -> None:  # type: ignore[no-untyped-def]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def load_compressed(out_dir: str | Path, layout: str = "sparse") -> dict[str, torch.Tensor]:

@@ -32,6 +32,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
+from .errors import ASTError
 
 MIRROR_ENV = "AST_DATA_MIRROR"
 OFFLINE_ENVS = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
@@ -41,7 +42,7 @@ JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 SPLIT_ALIASES = {"valid": "validation", "val": "validation", "dev": "validation"}
 
 
-class DataSourceError(ValueError):
+class DataSourceError(ASTError, ValueError):
     """A data source that cannot be read; the message names the source (and file/line)."""
 
 

@@ -301,7 +301,7 @@ def logit_grad_error(student_logits: torch.Tensor, targets: dict[str, torch.Tens
     How far the cached target's gradient on the student logits is from the
     online teacher's; 0 means the cache is as good as the teacher. Default
     (``per_token``): each token's own ratio over its V logits, averaged over
-    tokens — the measure DESIGN.md quotes. ``per_token=False``: one ratio over
+    tokens — the measure the cache-format benchmark reports. ``per_token=False``: one ratio over
     all tokens together (what the batch gradient sees; smaller, because tokens
     with large gradients dominate it).
     """

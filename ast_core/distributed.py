@@ -22,9 +22,10 @@ from typing import Iterable
 import numpy as np
 import torch
 import torch.distributed as torch_dist
+from .errors import ASTError
 
 
-class DistributedError(RuntimeError):
+class DistributedError(ASTError, RuntimeError):
     """A distributed setting that cannot work (batch not divisible, ranks out of step)."""
 
 

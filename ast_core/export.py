@@ -44,6 +44,7 @@ from .compressed import pack_bits, unpack_bits
 from .masks import NMReport, check_weights, magnitude_score, nm_mask
 from .slorb import SLoRB, fold_is_exact, folded_weight, load_slorb_state, slorb_layers, slorb_state
 from .sparse import SparseLinear, densify, sparse_layers
+from .errors import ASTError
 
 SPARSITY_FILE = "sparsity.json"
 MASKS_FILE = "masks.safetensors"
@@ -59,7 +60,7 @@ DEFAULT_PATTERNS: list[tuple[str, bool]] = [
 _CONV1D_NAME = re.compile(DEFAULT_PATTERNS[2][0])
 
 
-class ExportError(ValueError):
+class ExportError(ASTError, ValueError):
     """An export that would break the contract; the message names the layer or file."""
 
 

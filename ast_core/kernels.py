@@ -29,9 +29,10 @@ from torch import nn
 
 from .masks import magnitude_score, nm_mask, violations
 from .sparse import sparse_layers
+from .errors import ASTError
 
 
-class KernelsUnavailable(RuntimeError):
+class KernelsUnavailable(ASTError, RuntimeError):
     """No usable CUDA semi-structured backend here; ``str(err)`` is the skip reason."""
 
 

@@ -25,6 +25,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from . import embedded
+from .errors import ASTError
 
 TINY_CONFIGS: dict[str, dict] = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -50,7 +51,7 @@ RANDOM_CONFIGS: dict[str, dict] = {
 }
 
 
-class ModelSpecError(ValueError):
+class ModelSpecError(ASTError, ValueError):
     """A model spec that cannot be resolved; the message names the spec."""
 
 

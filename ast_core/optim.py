@@ -2,7 +2,7 @@
 
 The optimizer is AdamW (decoupled weight decay, torch's exact formula) plus,
 for every parameter that has an N:M mask ``m``, a decay that pulls the
-*masked-out* weights towards zero (DESIGN.md §1, paper eq. 3 in Adam form):
+*masked-out* weights towards zero (docs/ARCHITECTURE.md "The method", paper eq. 3 in Adam form):
 
     W  ← W · (1 − lr·wd)                                  (decoupled weight decay, first)
     m̃  ← β1·m̃ + (1−β1)·g                                  (loss gradient only)

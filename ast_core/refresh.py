@@ -1,6 +1,6 @@
 """Mask refresh: recompute every N:M mask from the current dense weights.
 
-AST recomputes the masks by magnitude every Δt optimizer steps (DESIGN.md §1),
+AST recomputes the masks by magnitude every Δt optimizer steps (docs/ARCHITECTURE.md, "The method"),
 which is how a pruned weight that the gradient keeps growing wins its place
 back. The buffers are updated in place (``layer.mask.copy_``) so that the
 optimizer, which holds the same tensors, decays the new masked-out set at once.

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from .sparse import block_container
+from .errors import ASTError
 
 try:  # torch builds without distributed support have no DTensor: nothing can be sharded there
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
@@ -39,7 +40,7 @@ except ImportError:  # pragma: no cover - every supported build has it
     DTensor = None  # type: ignore[assignment,misc]
 
 
-class ShardingError(RuntimeError):
+class ShardingError(ASTError, RuntimeError):
     """A sharded tensor laid out in a way this code does not handle."""
 
 

@@ -1,4 +1,4 @@
-"""SLoRB: the Sparse Low-Rank Boosting side branch of AST-Boosted (DESIGN.md §1).
+"""SLoRB: the Sparse Low-Rank Boosting side branch of AST-Boosted (docs/ARCHITECTURE.md, "The method").
 
 For a sparse linear layer with weight ``W`` (N×d) and N:M mask ``m``, SLoRB
 adds a cheap dense term that gives back part of what pruning removed:
@@ -47,12 +47,13 @@ from torch import nn
 
 from .masks import is_nm
 from .sparse import SparseLinear, sparse_layers
+from .errors import ASTError
 
 
 LSTSQ_DAMP = 1e-2  # ridge of the least-squares init, relative to the mean diagonal of E[z zᵀ]
 
 
-class SLoRBError(ValueError):
+class SLoRBError(ASTError, ValueError):
     """A SLoRB branch that cannot be built or loaded as asked; the message names the layer."""
 
 

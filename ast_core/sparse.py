@@ -19,6 +19,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.nn.functional as F
 from torch import nn
+from .errors import ASTError
 
 try:  # GPT-2 style layers
     from transformers.pytorch_utils import Conv1D
@@ -110,7 +111,7 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, pattern={self.n}:{self.m}, dense_mode={self.dense_mode}")
 
 
-class SparsityError(ValueError):
+class SparsityError(ASTError, ValueError):
     """A model that cannot be sparsified as asked; the message names the layers."""
 
 

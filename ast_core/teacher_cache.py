@@ -26,14 +26,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_json, fsync_dir
+from .atomic import atomic_write_json, fsync_dir
 from .distill import make_targets
 from .progress import bar as progress_bar
+from .errors import ASTError
 
 FINGERPRINT = "fingerprint.json"
 
 
-class CacheMismatch(ValueError):
+class CacheMismatch(ASTError, ValueError):
     """A cache built from other inputs than the run asks for; says what differs."""
 
 

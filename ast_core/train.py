@@ -1,6 +1,6 @@
 """The AST training loop, readable top to bottom.
 
-One step (DESIGN.md §1):
+One step (docs/ARCHITECTURE.md, "The method"):
 
 1. lr(t) from the cosine schedule, λ(t) = λ_max·min(1, t/T0) into the optimizer;
 2. forward the student with W ⊙ m (STE), CE on next tokens;
@@ -42,9 +42,10 @@ from .optim import ASTAdamW, ASTSchedule, build_param_groups, masks_for
 from . import sharding
 from .progress import bar as progress_bar
 from .refresh import FlipStats, pruned_kept_ratio, refresh_masks, snapshot_masks
+from .errors import ASTError
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(ASTError, RuntimeError):
     """A NaN/inf loss or gradient; names the step and the last good checkpoint."""
 
 

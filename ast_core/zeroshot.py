@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import data_mirror
+from .atomic import atomic_write_bytes
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 """The package's task YAMLs (hub sources); local variants ``include`` them by absolute path."""
@@ -145,8 +146,8 @@ LOCAL_SOURCES: dict[str, LocalSource] = {
     "lambada_openai": LocalSource(("lambada_openai/lambada_test.jsonl",), "test", _lambada),
 }
 
-TASKS: tuple[str, ...] = (*LOCAL_SOURCES, "hellaswag")
-"""Every supported task; each has ``lm_eval_tasks/<name>.yaml`` (hellaswag is hub only)."""
+TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
+"""Every supported task: one per ``lm_eval_tasks/<name>.yaml`` (all but hellaswag read the local mirror)."""
 
 
 def _mirror_root(mirror: Path | None) -> Path | None:
@@ -186,9 +187,7 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     """Atomic write that leaves an identical file untouched (its mtime keys the datasets cache)."""
     if path.is_file() and path.read_bytes() == data:
         return
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    atomic_write_bytes(path, data)
 
 
 def _source_stamp(files: list[Path]) -> str:

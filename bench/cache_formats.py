@@ -362,7 +362,7 @@ def plot(data: dict, path: Path) -> bool:
 
 
 def write_outputs(data: dict, out_dir: Path) -> None:
-    from ast_core.checkpoint import atomic_write_text
+    from ast_core.atomic import atomic_write_text
     from bench.report import render_cache_formats_md
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "cache_formats.json", data)

@@ -14,7 +14,7 @@ bytes counted:
   side file; 1-bit packed masks).
 
 Ratios: sparse linears compressed / fp16 dense (the physical limit for 16-bit
-values + 2-bit indices is 2·(1/2 + 1/16)/2 = 0.5625; DESIGN.md §5 asks
+values + 2-bit indices is 2·(1/2 + 1/16)/2 = 0.5625; the project goal asks
 ≤ 0.57), and whole checkpoints: compressed (with SLoRB) against the dense
 model's fp16 bytes without SLoRB (what the sparse model replaces), against the
 same tensors dense (SLoRB on both sides), and against the HF export on disk.
@@ -43,7 +43,7 @@ from bench.runner import RESULTS, stamp, write_json  # noqa: E402
 
 MODEL = "embedded:smollm2-135m"
 PHYSICAL_LIMIT = 0.5625  # 2:4 with 16-bit values and 2-bit positions
-GOAL = 0.57              # DESIGN.md §5
+GOAL = 0.57              # docs/ARCHITECTURE.md, "What good means"
 
 
 def _dir_bytes(path: Path, pattern: str = "*") -> int:
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
               "command": "python " + shlex.join(["bench/compression.py", *argv]),
               **measure(args.model, args.group)}
     result["wall_s"] = time.perf_counter() - start
-    from ast_core.checkpoint import atomic_write_text
+    from ast_core.atomic import atomic_write_text
     from bench.report import render_compression
     args.out_dir.mkdir(parents=True, exist_ok=True)
     write_json(args.out_dir / "compression.json", result)

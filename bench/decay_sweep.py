@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ast_core.checkpoint import atomic_write_text  # noqa: E402
+from tasks.tables import markdown_table  # noqa: E402
+from ast_core.atomic import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.ladder import (bench_parser, budget_of, command_line, curve, fail, resolve_params, run_bench,  # noqa: E402
                           train_seconds)
@@ -135,15 +136,15 @@ def _t0_txt(r: dict[str, Any]) -> str:
 def sweep_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, best perplexity first."""
     ref = next((r["ppl"] for r in rows if r["lambda_max"] == 0), None)
-    lines = ["| λ_max | T0 steps | WikiText-2 ppl | vs λ=0 | final flip rate | flip rate first → last "
-             "| pruned/kept \\|W\\| first → last | val ppl start → end |",
-             "|---|---|---|---|---|---|---|---|"]
+    head = ["λ_max", "T0 steps", "WikiText-2 ppl", "vs λ=0", "final flip rate", "flip rate first → last",
+            "pruned/kept \\|W\\| first → last", "val ppl start → end"]
+    body = []
     for r in sorted(rows, key=lambda r: r["ppl"]):
         vs = None if ref is None else r["ppl"] / ref - 1
-        lines.append(f"| {r['lambda_max']:g} | {_t0_txt(r)} | {r['ppl']:.2f} | {_fmt(vs, '+.1%')} "
-                     f"| {_fmt(r['flip_rate_final'], '.3%')} | {_first_last(r['flips'], '.3%')} "
-                     f"| {_first_last(r['ratio'], '.3f')} | {_first_last(r['curve'], '.1f')} |")
-    return "\n".join(lines) + "\n"
+        body.append([f"{r['lambda_max']:g}", _t0_txt(r), f"{r['ppl']:.2f}", _fmt(vs, "+.1%"),
+                     _fmt(r["flip_rate_final"], ".3%"), _first_last(r["flips"], ".3%"),
+                     _first_last(r["ratio"], ".3f"), _first_last(r["curve"], ".1f")])
+    return markdown_table(head, body)
 
 
 def best_line(report: dict[str, Any]) -> str:

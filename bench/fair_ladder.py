@@ -47,13 +47,14 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ast_core.checkpoint import atomic_write_text  # noqa: E402
+from ast_core.atomic import atomic_write_text  # noqa: E402
 from ast_core.intervals import mean_sd, ppl_ratio_interval  # noqa: E402
 from bench import plotting  # noqa: E402
-from bench.ladder import fail, gap_closed, resolve_params  # noqa: E402
+from bench.ladder import fail, resolve_params  # noqa: E402
 from bench.runner import RESULTS, WORK, Variant, run_variant, shared_base, stamp, write_json  # noqa: E402
 from tasks.common import StageError, configure_threads  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from tasks.tables import gap_closed, markdown_table  # noqa: E402
 
 PAPER_LAMBDA, PAPER_STEPS = 1e-4, 40_000
 STAGES = ("cache-teacher", "train", "evaluate")
@@ -224,7 +225,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     head = ["budget (tokens)", "rung", "seeds", "WikiText-2 ppl (mean ± sd)", "per seed [95% CI]",
             "ppl / fixed-kd, paired [95% CI]", "gap closed vs SparseGPT", "C4 val ppl",
             "mask change vs initial", "flips per refresh", "tokens/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         sd = f" ± {r['ppl_sd']:.2f}" if r["ppl_sd"] is not None else ""
         per = "; ".join(f"{p:.2f}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c else "")
@@ -232,11 +233,10 @@ def table(rows: list[dict[str, Any]]) -> str:
         ratio = "; ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, lo, hi in r["ratio_to_control"]) or "—"
         cum = ", ".join(f"{c:.2%}" for c in r["mask_change_vs_init"]) if r["mask_change_vs_init"] else "—"
         per_r = ", ".join(f"{c:.3%}" for c in r["flip_per_refresh"]) if r["flip_per_refresh"] else "—"
-        lines.append("| " + " | ".join([f"{r['tokens']:,}", r["rung"], ",".join(map(str, r["seeds"])),
-                                        f"{r['ppl_mean']:.2f}{sd}", per, ratio, _f(r["gap_closed"], ".1%"),
-                                        _f(r["val_ppl_mean"], ".2f"), cum, per_r,
-                                        _f(r["tokens_per_s"], ".0f")]) + " |")
-    return "\n".join(lines) + "\n"
+        body.append([f"{r['tokens']:,}", r["rung"], ",".join(map(str, r["seeds"])), f"{r['ppl_mean']:.2f}{sd}", per,
+                     ratio, _f(r["gap_closed"], ".1%"), _f(r["val_ppl_mean"], ".2f"), cum, per_r,
+                     _f(r["tokens_per_s"], ".0f")])
+    return markdown_table(head, body, align="rll" + "r" * (len(head) - 3))
 
 
 def render(report: dict[str, Any]) -> str:

@@ -24,7 +24,6 @@ Writes ``ladder.json``, ``ladder.md``, ``ladder.png`` (perplexity bars) and
 from __future__ import annotations
 
 import argparse
-import math
 import shlex
 import sys
 import time
@@ -36,11 +35,12 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ast_core.checkpoint import atomic_write_text  # noqa: E402
+from ast_core.atomic import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.labels import cache_label  # noqa: E402
 from bench.runner import RESULTS, WORK, Variant, VariantResult, run_all, stamp, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
+from tasks.tables import gap_closed, markdown_table  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 
 DEFAULT_PARAMS = "params/smollm2-quick.yaml"
@@ -162,13 +162,6 @@ def fail(err: Exception) -> int:
 
 # ----------------------------------------------------------------------------- results -> rows
 
-def gap_closed(ppl: float, ppl_sparsegpt: float | None, ppl_dense: float | None) -> float | None:
-    """(ppl_SparseGPT − ppl)/(ppl_SparseGPT − ppl_dense): 0 for SparseGPT, 1 for dense; None without both."""
-    if ppl_sparsegpt is None or ppl_dense is None or math.isclose(ppl_sparsegpt, ppl_dense):
-        return None
-    return (ppl_sparsegpt - ppl) / (ppl_sparsegpt - ppl_dense) + 0.0  # + 0.0: no "-0.0%" for SparseGPT
-
-
 def ladder_rows(runs: dict[str, dict[str, Any]], steps: int) -> list[dict[str, Any]]:
     """One row per run, in the given order. ``runs[name]`` = {"metrics": metrics.json, "history": [...]}.
 
@@ -259,15 +252,15 @@ def ladder_table(rows: list[dict[str, Any]]) -> str:
     tasks = sorted({t for r in rows for t in r["zero_shot"]})
     head = (["method", "WikiText-2 ppl", "gap closed vs SparseGPT"] + [f"{t} acc" for t in tasks]
             + (["zero-shot mean"] if tasks else []) + ["tokens trained", "train s", "final flip rate"])
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         cells = [r["method"], f"{r['ppl']:.2f}", _fmt(r["gap_closed"], ".1%")]
         cells += [_fmt(r["zero_shot"].get(t), ".3f") for t in tasks]
         if tasks:
             cells.append(_fmt(r["zero_shot_mean"], ".3f"))
         cells += [f"{r['tokens']:,}", _fmt(r["train_s"], ".0f"), _fmt(r["flip_rate_final"], ".3%")]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+        body.append(cells)
+    return markdown_table(head, body)
 
 
 def render_markdown(r: dict[str, Any]) -> str:

@@ -18,9 +18,10 @@ API (keep it small; other bench scripts import it):
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+from ast_core.atomic import atomic_path
 
 Series = tuple[Sequence[float], Sequence[float]]
 
@@ -47,14 +48,9 @@ def figure(title: str, xlabel: str = "", ylabel: str = "", *, logx: bool = False
 def save(fig: Any, path: str | Path) -> Path:
     """Write ``fig`` as a PNG at ``path`` atomically (creates the folder); returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
     fig.tight_layout()
-    try:
+    with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

@@ -30,6 +30,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench.labels import cache_label  # noqa: E402
+from tasks.tables import markdown_table as table  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 NOTES = REPO / "bench" / "notes"
 OUT = REPO / "docs" / "RESULTS.md"
@@ -37,7 +38,7 @@ OUT = REPO / "docs" / "RESULTS.md"
 GOAL_STEP_OVERHEAD = 1.03   # AST step / plain masked fine-tuning step
 GOAL_CACHE_STEP = 0.80      # KD-from-cache step / online-teacher step
 GOAL_CACHE_PPL = 1.02       # ppl from cache / ppl with online teacher
-GOAL_COMPRESSION = 0.57     # DESIGN.md §5 (compressed sparse linears / fp16 dense)
+GOAL_COMPRESSION = 0.57     # docs/ARCHITECTURE.md, "What good means" (compressed sparse linears / fp16 dense)
 COMPRESSION_LIMIT = 0.5625  # 16-bit values + 2-bit positions, 2:4
 
 
@@ -75,15 +76,6 @@ def fmt(v: Any, spec: str = ".2f", none: str = "—") -> str:
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return none
     return format(v, spec)
-
-
-def table(head: list[str], rows: list[list[str]], align: str | None = None) -> str:
-    """A markdown table; ``align`` one char per column ('l' or 'r'), default first left, rest right."""
-    align = align or "l" + "r" * (len(head) - 1)
-    sep = ["---" if a == "l" else "---:" for a in align]
-    out = ["| " + " | ".join(head) + " |", "| " + " | ".join(sep) + " |"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out) + "\n"
 
 
 def stamp_line(data: dict, path: Path | None = None) -> str:
@@ -594,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
     text = build_report(args.results.resolve(), args.out.resolve(), args.notes.resolve())
     if str(REPO) not in sys.path:
         sys.path.insert(0, str(REPO))
-    from ast_core.checkpoint import atomic_write_text
+    from ast_core.atomic import atomic_write_text
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)
     print(f"wrote {args.out}")

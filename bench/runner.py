@@ -114,7 +114,7 @@ def run_all(params: str, base: list[str], variants: list[Variant], root: Path, *
 
 def write_json(path: Path, obj: object) -> None:
     """Atomic JSON write (results files are read by the report while benchmarks may still run)."""
-    from ast_core.checkpoint import atomic_write_json
+    from ast_core.atomic import atomic_write_json
     atomic_write_json(path, obj)
 
 

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from ast_core.checkpoint import atomic_write_text  # noqa: E402
+from ast_core.atomic import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.ladder import (bench_parser, budget_of, command_line, curve, fail, resolve_params,  # noqa: E402
                           run_bench, train_seconds)

@@ -1,4 +1,4 @@
-"""Step-time overhead of AST over plain masked fine-tuning (DESIGN.md §5: goal ≤ 1.03×).
+"""Step-time overhead of AST over plain masked fine-tuning (goal ≤ 1.03×, docs/ARCHITECTURE.md).
 
 Two copies of SmolLM2-135M, sparsified with the same 2:4 magnitude masks, are
 trained side by side on the same batches, one step of each in turn (the order

@@ -42,19 +42,8 @@ RETRY_DELAY_S = 10
 
 def _deterministic_errors() -> tuple[type[BaseException], ...]:
     """Errors that name a bad input: running the stage again cannot change the outcome."""
-    from ast_core.checkpoint import CheckpointError
-    from ast_core.compressed import CompressionError
-    from ast_core.data import DataSourceError
-    from ast_core.export import ExportError
-    from ast_core.models import ModelSpecError
-    from ast_core.slorb import SLoRBError
-    from ast_core.sparse import SparsityError
-    from ast_core.teacher_cache import CacheMismatch
-    from ast_core.train import TrainingDiverged
-    from tasks.common import StageError
-    from tasks.config import ConfigError
-    return (ConfigError, StageError, ModelSpecError, DataSourceError, SparsityError, CacheMismatch,
-            CheckpointError, TrainingDiverged, SLoRBError, ExportError, CompressionError)
+    from ast_core.errors import ASTError
+    return (ASTError,)
 
 
 def is_retryable(exc: BaseException | None) -> bool:

@@ -23,17 +23,17 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 from prefect import flow
 
-from ast_core.checkpoint import atomic_write_json, atomic_write_text
+from ast_core.atomic import atomic_path, atomic_write_json, atomic_write_text
 from ast_core.recipe import METHOD_NAMES
 from tasks.common import REPO_ROOT, RunContext, configure_threads
 from tasks.shared import link_shared
 from tasks.config import PipelineConfig, load_config
+from tasks.tables import gap_closed, markdown_table
 
 from flows.ast_pipeline import ast_pipeline, run_stage_task, run_stages
 
@@ -64,7 +64,6 @@ def comparison_rows(results: dict[str, dict]) -> list[dict[str, Any]]:
     else:
         ppl_dense = next((m["ppl_wikitext2_dense"] for m in results.values() if "ppl_wikitext2_dense" in m), None)
     ppl_sgpt = results.get("oneshot-sparsegpt", {}).get("ppl_wikitext2")
-    usable = ppl_dense is not None and ppl_sgpt is not None and not math.isclose(ppl_sgpt, ppl_dense)
     rows = []
     for method in order:
         m = results[method]
@@ -72,7 +71,7 @@ def comparison_rows(results: dict[str, dict]) -> list[dict[str, Any]]:
         rows.append({
             "method": method,
             "ppl": ppl,
-            "gap_closed": (ppl_sgpt - ppl) / (ppl_sgpt - ppl_dense) if usable else None,
+            "gap_closed": gap_closed(ppl, ppl_sgpt, ppl_dense),
             "zero_shot_mean": _zero_shot_mean(m),
             "tokens": int(m.get("tokens_trained", 0)),
         })
@@ -85,12 +84,10 @@ def _fmt(value: float | None, spec: str) -> str:
 
 def comparison_table(results: dict[str, dict]) -> str:
     """The markdown comparison table (what ``compare.md`` holds)."""
-    lines = ["| method | WikiText-2 ppl | gap closed vs SparseGPT | zero-shot mean | tokens |",
-             "|---|---|---|---|---|"]
-    for r in comparison_rows(results):
-        lines.append(f"| {r['method']} | {r['ppl']:.2f} | {_fmt(r['gap_closed'], '.1%')} "
-                     f"| {_fmt(r['zero_shot_mean'], '.4f')} | {r['tokens']:,} |")
-    return "\n".join(lines) + "\n"
+    return markdown_table(["method", "WikiText-2 ppl", "gap closed vs SparseGPT", "zero-shot mean", "tokens"],
+                          [[r["method"], f"{r['ppl']:.2f}", _fmt(r["gap_closed"], ".1%"),
+                            _fmt(r["zero_shot_mean"], ".4f"), f"{r['tokens']:,}"]
+                           for r in comparison_rows(results)])
 
 
 def comparison_chart(rows: list[dict[str, Any]], path: Path) -> None:
@@ -113,11 +110,9 @@ def comparison_chart(rows: list[dict[str, Any]], path: Path) -> None:
         for label in ax.get_xticklabels():
             label.set_horizontalalignment("right")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
-    tmp.replace(path)
 
 
 def write_comparison(out: Path, results: dict[str, dict], failed: dict[str, str]) -> dict[str, Any]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from ast_core.models import check_same_tokenizer, load_model, load_tokenizer, tokenizer_fingerprint
 from ast_core.teacher_cache import TeacherCache, build_cache, weights_hash
+from ast_core.teacher_cache import fingerprint as cache_fingerprint
 
-from .common import RunContext, log, torch_dtype
+from .common import RunContext, StageError, log, torch_dtype
 from .prepare import load_blocks
 
 
@@ -30,11 +31,31 @@ def load_teacher(ctx: RunContext):
     return load_model(spec, torch_dtype(m.dtype), seed=ctx.cfg.seed, trust_remote_code=m.trust_remote_code)
 
 
+def fingerprint_for(teacher: str, tokenizer: str, data: str, c) -> dict:  # type: ignore[no-untyped-def]
+    """The cache's identity: teacher weights, tokenizer and data hashes + the settings that shape the targets."""
+    return cache_fingerprint(teacher=teacher, tokenizer=tokenizer, data=data, seq_len=c.data.seq_len,
+                             fmt=c.teacher_cache.format, k=c.teacher_cache.k, samples=c.teacher_cache.samples,
+                             temperature=c.train.temperature, seed=c.seed)
+
+
 def expected_fingerprint(ctx: RunContext, teacher) -> dict:
-    from .train import fingerprint_for
     c, manifest = ctx.cfg, ctx.require("prepare")["manifest"]
     tok = load_tokenizer(teacher_spec(ctx), c.model.trust_remote_code)
     return fingerprint_for(weights_hash(teacher), tokenizer_fingerprint(tok), manifest["hash"], c)
+
+
+def wanted_cache(ctx: RunContext) -> dict:
+    """The cache this config asks for: the stored teacher/tokenizer/data identity, the config's settings.
+
+    A cache built with other settings (k, format, temperature, ...) is refused
+    with what differs, instead of silently training on the wrong targets.
+    """
+    done = ctx.require("cache-teacher")
+    have = done.get("fingerprint_fields")
+    if not have:
+        raise StageError("the teacher cache stage was skipped for this run directory; re-run "
+                         "ast-pipeline stage cache-teacher")
+    return fingerprint_for(have["teacher"], have["tokenizer"], ctx.require("prepare")["manifest"]["hash"], ctx.cfg)
 
 
 def run(ctx: RunContext) -> dict:

@@ -43,22 +43,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _expected_errors() -> tuple[type[BaseException], ...]:
-    from ast_core.checkpoint import CheckpointError
-    from ast_core.compressed import CompressionError
-    from ast_core.export import ExportError
-    from ast_core.data import DataSourceError
-    from ast_core.models import ModelSpecError
-    from ast_core.slorb import SLoRBError
-    from ast_core.sparse import SparsityError
-    from ast_core.teacher_cache import CacheMismatch
-    from ast_core.distributed import DistributedError
-    from ast_core.train import TrainingDiverged
-
-    from .common import StageError
-    from .config import ConfigError
-    return (ConfigError, StageError, ModelSpecError, DataSourceError, SparsityError, CacheMismatch,
-            CheckpointError, TrainingDiverged, SLoRBError, ExportError, CompressionError, DistributedError,
-            FileNotFoundError, PermissionError, OSError)
+    """The project's own errors (bad params, files, artifacts) and the OS's (a missing or unreadable file)."""
+    from ast_core.errors import ASTError
+    return (ASTError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:

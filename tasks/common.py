@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ast_core.checkpoint import atomic_write_json
+from ast_core.atomic import atomic_write_json
 
 from .config import PipelineConfig
+from ast_core.errors import ASTError
 
 log = logging.getLogger("ast_pipeline")
 
@@ -26,7 +27,7 @@ STAGES = ("prepare", "cache-teacher", "train", "compile", "evaluate")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class StageError(RuntimeError):
+class StageError(ASTError, RuntimeError):
     """A stage cannot run (missing input, mismatched artifact); the message says what to do."""
 
 

@@ -5,7 +5,8 @@ the reason recorded, never faked).
 
 from __future__ import annotations
 
-from ast_core.checkpoint import atomic_write_json, atomic_write_text
+from ast_core.trained import load_trained
+from ast_core.atomic import atomic_write_json, atomic_write_text
 from ast_core.compressed import byte_report, save_compressed
 from ast_core.export import export_hf, verify_model
 from ast_core.kernels import cuda_available
@@ -13,7 +14,6 @@ from ast_core.models import load_tokenizer
 from ast_core.sparse import SparsityError, sparse_layers
 
 from .common import RunContext, hash_json, log
-from .train import load_trained
 
 
 def fingerprint(ctx: RunContext) -> str:
@@ -27,7 +27,8 @@ def run(ctx: RunContext) -> dict:
         log.info("compile: up to date")
         return ctx.done("compile")
     c = ctx.cfg
-    model = load_trained(ctx)
+    ctx.require("train")
+    model = load_trained(ctx.stage_dir("train") / "final", ctx.cfg.model.trust_remote_code)
     out = ctx.stage_dir("compile")
     export_root = ctx.out / "export"
     info: dict = {"sparse_layers": sum(1 for _ in sparse_layers(model))}

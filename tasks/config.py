@@ -15,15 +15,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from ast_core.recipe import METHOD_NAMES, method as method_spec
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ast_core.errors import ASTError
+from ast_core.recipe import METHOD_NAMES, method as method_spec
+from ast_core.zeroshot import TASKS
+
 Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the registry in ast_core.recipe
-ZERO_SHOT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
-                   "openbookqa", "piqa", "lambada_openai")
+ZERO_SHOT_TASKS = TASKS  # one per YAML in ast_core/lm_eval_tasks/
 
 
-class ConfigError(ValueError):
+class ConfigError(ASTError, ValueError):
     """Invalid params; ``str()`` is the one message shown to the user."""
 
 

@@ -10,7 +10,8 @@ import json
 import os
 from pathlib import Path
 
-from ast_core.checkpoint import atomic_write_json, atomic_write_text
+from ast_core.trained import load_trained
+from ast_core.atomic import atomic_write_json, atomic_write_text
 from ast_core.embedded import cache_root
 from ast_core.models import load_tokenizer, tokenizer_fingerprint
 from ast_core.perplexity import wikitext2_perplexity
@@ -18,7 +19,7 @@ from ast_core.teacher_cache import weights_hash
 
 from . import cache_teacher
 from .common import RunContext, hash_json, log
-from .train import load_trained
+from .tables import markdown_table
 
 
 def fingerprint(ctx: RunContext) -> str:
@@ -98,7 +99,8 @@ def run(ctx: RunContext) -> dict:
         return ctx.done("evaluate")["metrics"]
     c = ctx.cfg
     tok = load_tokenizer(c.model.student, c.model.trust_remote_code)
-    sparse = _measure(ctx, load_trained(ctx), tok)
+    ctx.require("train")
+    sparse = _measure(ctx, load_trained(ctx.stage_dir("train") / "final", c.model.trust_remote_code), tok)
     dense = _measure_dense(ctx, tok)
     train_info = ctx.require("train")
     metrics = {
@@ -142,11 +144,12 @@ def _ci(v: list[float] | None) -> str:
 
 
 def table(m: dict) -> str:
-    rows = [f"| metric | dense | {m['method']} | delta |", "|---|---|---|---|",
-            f"| WikiText-2 ppl ({m['ppl_windows']}×{m['ppl_seq_len']} tokens) | {m['ppl_wikitext2_dense']:.2f}"
-            f"{_ci(m.get('ppl_wikitext2_dense_ci95'))} | {m['ppl_wikitext2']:.2f}{_ci(m.get('ppl_wikitext2_ci95'))} "
-            f"| {m['ppl_wikitext2'] - m['ppl_wikitext2_dense']:+.2f} |"]
+    rows = [[f"WikiText-2 ppl ({m['ppl_windows']}×{m['ppl_seq_len']} tokens)",
+             f"{m['ppl_wikitext2_dense']:.2f}{_ci(m.get('ppl_wikitext2_dense_ci95'))}",
+             f"{m['ppl_wikitext2']:.2f}{_ci(m.get('ppl_wikitext2_ci95'))}",
+             f"{m['ppl_wikitext2'] - m['ppl_wikitext2_dense']:+.2f}"]]
     for task, acc in m["zero_shot"].items():
         d = m["zero_shot_dense"].get(task, float("nan"))
-        rows.append(f"| {task} acc | {d:.4f} | {acc:.4f} | {acc - d:+.4f} |")
-    return "\n".join(rows) + "\n\n[lo, hi]: 95% bootstrap interval over the evaluation windows.\n"
+        rows.append([f"{task} acc", f"{d:.4f}", f"{acc:.4f}", f"{acc - d:+.4f}"])
+    return (markdown_table(["metric", "dense", m["method"], "delta"], rows)
+            + "\n[lo, hi]: 95% bootstrap interval over the evaluation windows.\n")

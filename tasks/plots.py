@@ -13,6 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from ast_core.atomic import atomic_path
+
 TRAIN_PLOTS = ("train_loss.png", "train_flip_rate.png", "train_schedule.png")
 EVAL_PLOTS = ("ppl.png",)
 VAL_PLOT = "train_val_ppl.png"  # written only when training ran validation (train.eval_every)
@@ -38,11 +40,9 @@ def _figure(title: str, height: float = 4.0):
 
 def _save(fig: Any, path: Path) -> Path:
     """Write atomically: a reader (DVC, the MLflow upload) never sees half a PNG."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp.png")
     fig.tight_layout()
-    fig.savefig(tmp, format="png")
-    tmp.replace(path)
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, format="png")
     return path
 
 

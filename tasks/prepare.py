@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ast_core.checkpoint import atomic_write_json
+from ast_core.atomic import atomic_write_json
 from ast_core.data import describe_source, load_texts, split_blocks, tokenize_blocks
 from ast_core.models import load_tokenizer, tokenizer_fingerprint
 

@@ -312,7 +312,7 @@ def _open(ctx: RunContext, reuse: bool, params_file: str | None) -> MlflowTracke
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
-    from ast_core.checkpoint import atomic_write_json
+    from ast_core.atomic import atomic_write_json
     uri = tracking_uri()
     client = MlflowClient(tracking_uri=uri)
     experiment_id = _experiment(client, ctx.cfg.name, uri)

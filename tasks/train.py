@@ -13,19 +13,15 @@ from typing import Callable
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from ast_core.calibration import collect_act_sq_mean, collect_group_cross
 from ast_core import distributed, sharding
+from ast_core.atomic import atomic_write_text
+from ast_core.checkpoint import state_dict_tensors
 from ast_core.distributed import DistEnv
-from ast_core.checkpoint import atomic_write_json, atomic_write_text, load_model_tensors, state_dict_tensors
-from ast_core.masks import magnitude_score, nm_mask, wanda_score
 from ast_core.models import load_model
-from ast_core.oneshot import oneshot_prune
-from ast_core.recipe import method as method_spec
-from ast_core.slorb import add_slorb, check_group_size
-from ast_core.sparse import sparse_layers, sparsify
+from ast_core.recipe import Recipe, prepare_student
 from ast_core.teacher_cache import TeacherCache
+from ast_core.trained import save_trained
 from ast_core.train import CachedTeacher, OnlineTeacher, StepLog, train
 
 from . import cache_teacher
@@ -47,24 +43,12 @@ def _calib_batches(ctx: RunContext, batch: int = 4) -> list[torch.Tensor]:
     return [torch.from_numpy(calib[i:i + batch].astype(np.int64)) for i in range(0, len(calib), batch)]
 
 
-def init_masks(model: torch.nn.Module, how: str, stats: dict[str, torch.Tensor] | None) -> None:
-    """Initial N:M mask: Wanda score from the calibration statistics ``stats``
-    (:func:`collect_act_sq_mean`, also the Wanda refresh's column norms), or magnitude."""
-    if how == "wanda" and stats is None:
-        raise ValueError("a Wanda initial mask needs the calibration activation statistics")
-    for name, layer in sparse_layers(model):
-        score = wanda_score(layer.weight, stats[name]) if how == "wanda" else magnitude_score(layer.weight)
-        layer.set_mask(nm_mask(score, layer.n, layer.m))
-
-
-def build_student(ctx: RunContext) -> torch.nn.Module:
-    """Dense student -> sparse layers (masks all ones) [+ SLoRB is attached after the mask]."""
-    c = ctx.cfg
-    model = load_model(c.model.student, torch_dtype(c.model.dtype), seed=c.seed,
-                       trust_remote_code=c.model.trust_remote_code)
-    if c.train.spec.sparse:
-        sparsify(model, c.sparsity.n, c.sparsity.m, c.sparsity.exclude)
-    return model
+def recipe_of(c) -> Recipe:  # type: ignore[no-untyped-def]
+    """The validated config's recipe (:class:`ast_core.recipe.Recipe`)."""
+    return Recipe(method=c.train.method, n=c.sparsity.n, m=c.sparsity.m, exclude=tuple(c.sparsity.exclude),
+                  init_mask=c.sparsity.init_mask, wanda_refresh=c.train.refresh_score == "wanda",
+                  slorb_group=c.train.slorb_group, slorb_trainable_projection=c.train.slorb_trainable_projection,
+                  slorb_init=c.train.slorb_init)
 
 
 def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
@@ -88,30 +72,19 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         shutil.rmtree(ckpt_dir)  # a fresh run never mixes with an old run's checkpoints
     distributed.barrier(env)
     torch.manual_seed(c.seed)
-    model = build_student(ctx)
-    info: dict = {"method": method}
+    dense = load_model(c.model.student, torch_dtype(c.model.dtype), seed=c.seed,
+                       trust_remote_code=c.model.trust_remote_code)
+    # a resume takes masks, refresh scales and SLoRB values from the checkpoint
+    student = prepare_student(dense, recipe_of(c), lambda: _calib_batches(ctx), fresh=not resuming)
+    model = student.model
+    info: dict = {"method": method, **student.info}
     final: torch.nn.Module | dict[str, torch.Tensor] = model  # what train/final holds
-    if spec.oneshot:
-        info.update(oneshot_prune(model, spec.oneshot, _calib_batches(ctx)))
-    elif spec.trains:
-        refresh_scale = None
-        if not resuming:  # a resume takes its masks and refresh scales from the checkpoint
-            stats = (collect_act_sq_mean(model, _calib_batches(ctx))
-                     if c.sparsity.init_mask == "wanda" or c.train.wanda_refresh else None)
-            init_masks(model, c.sparsity.init_mask, stats)
-            if c.train.wanda_refresh:
-                refresh_scale = {name: s.sqrt() for name, s in stats.items()}
-        if spec.slorb:
-            cross = None  # mean init; a resume loads S from the checkpoint either way
-            if c.train.slorb_init == "lstsq" and not resuming:
-                check_group_size(model, c.train.slorb_group)  # before the calibration pass
-                cross = collect_group_cross(model, _calib_batches(ctx), c.train.slorb_group)
-            info["slorb_params"] = add_slorb(model, c.train.slorb_group, c.train.slorb_trainable_projection,
-                                             cross)
+    if spec.trains:
         teacher = None
-        if c.train.uses_kd:
+        if spec.distils:
             if cache_teacher.needed(ctx):
-                teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache", _wanted_cache(ctx)))
+                teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache",
+                                                     cache_teacher.wanted_cache(ctx)))
             else:
                 teacher = OnlineTeacher(cache_teacher.load_teacher(ctx).to(device), want_hidden=c.train.squarehead)
         val = load_blocks(ctx, "val") if c.train.eval_every > 0 else None
@@ -119,7 +92,7 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         result = train(model, load_blocks(ctx, "train"), c.train, seed=c.seed, teacher=teacher,
                        checkpoint_dir=ckpt_dir, resume=resuming, on_step=on_step, progress=ctx.progress,
                        stop_after=stop_after, val_blocks=val, dist=env,
-                       refresh_scale=refresh_scale)
+                       refresh_scale=student.refresh_scale)
         if sharding.model_is_sharded(model):  # every rank helps gather the full weights
             final = {k: v.cpu() for k, v in state_dict_tensors(model).items()}
         else:
@@ -156,57 +129,11 @@ def write_plot_tables(out: Path, history: list[dict]) -> None:
         atomic_write_text(out / "val.csv", "step,tokens,val_loss,val_ppl\n" + "".join(val))
 
 
-def _wanted_cache(ctx: RunContext) -> dict:
-    """The cache this config asks for: the stored teacher/tokenizer/data identity, the config's settings.
-
-    A cache built with other settings (k, format, temperature, ...) is refused
-    with what differs, instead of silently training on the wrong targets.
-    """
-    c, done = ctx.cfg, ctx.require("cache-teacher")
-    have = done.get("fingerprint_fields")
-    if not have:
-        raise StageError("the teacher cache stage was skipped for this run directory; re-run "
-                         "ast-pipeline stage cache-teacher")
-    return fingerprint_for(have["teacher"], have["tokenizer"], ctx.require("prepare")["manifest"]["hash"], c)
-
-
-def fingerprint_for(teacher: str, tokenizer: str, data: str, c) -> dict:
-    from ast_core.teacher_cache import fingerprint as cache_fingerprint
-    return cache_fingerprint(teacher=teacher, tokenizer=tokenizer, data=data, seq_len=c.data.seq_len,
-                             fmt=c.teacher_cache.format, k=c.teacher_cache.k, samples=c.teacher_cache.samples,
-                             temperature=c.train.temperature, seed=c.seed)
-
-
 def save_final(ctx: RunContext, model: torch.nn.Module | dict[str, torch.Tensor], info: dict) -> None:
-    """``final/model.safetensors`` from the model, or from its already-gathered tensors (FSDP)."""
+    """``train/final/`` (:mod:`ast_core.trained`) from the model, or its already-gathered tensors (FSDP)."""
     c = ctx.cfg
-    final = ctx.stage_dir("train") / "final"
-    final.mkdir(parents=True, exist_ok=True)
-    tmp = final / ".model.safetensors.tmp"
-    save_file(model if isinstance(model, dict) else state_dict_tensors(model), str(tmp))
-    tmp.replace(final / "model.safetensors")
     meta = {"student": c.model.student, "dtype": c.model.dtype, "seed": c.seed, "method": c.train.method,
             "n": c.sparsity.n, "m": c.sparsity.m, "exclude": c.sparsity.exclude,
             "slorb_group": c.train.slorb_group if c.train.spec.slorb else None,
             "slorb_trainable_projection": c.train.slorb_trainable_projection, **info}
-    atomic_write_json(final / "meta.json", meta)
-
-
-def load_trained(ctx: RunContext) -> torch.nn.Module:
-    """Rebuild the trained model from ``train/final`` (the same modules it was trained with)."""
-    ctx.require("train")
-    final = ctx.stage_dir("train") / "final"
-    meta = json.loads((final / "meta.json").read_text())
-    return load_final(final, meta, ctx.cfg.model.trust_remote_code)
-
-
-def load_final(final: Path, meta: dict, trust_remote_code: bool = False) -> torch.nn.Module:
-    model = load_model(meta["student"], torch_dtype(meta["dtype"]), seed=meta["seed"],
-                       trust_remote_code=trust_remote_code)
-    if method_spec(meta["method"]).sparse:
-        sparsify(model, meta["n"], meta["m"], meta["exclude"])
-    if meta.get("slorb_group"):
-        add_slorb(model, meta["slorb_group"], meta["slorb_trainable_projection"])
-    load_model_tensors(model, load_file(str(final / "model.safetensors")), str(final / "model.safetensors"))
-    model.eval()
-    return model
+    save_trained(ctx.stage_dir("train") / "final", model, meta)

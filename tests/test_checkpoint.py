@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ast_core.checkpoint import (CheckpointError, atomic_write_json, latest_checkpoint, load_checkpoint,
-                                 load_model_tensors, save_checkpoint)
+from ast_core.atomic import atomic_write_json
+from ast_core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_tensors, save_checkpoint
 from ast_core.models import load_model
 from ast_core.sparse import sparsify
 

@@ -162,3 +162,64 @@ def test_plots_show_renders_loss_perplexity_and_flip_rate(dvc_repo: DvcRepo) -> 
     assert {row["step"] for row in flips} >= {"3"} and all("flip_rate_init" in row for row in flips)
     steps = {row["step"] for row in data["loss"][0]["content"]["data"]["values"]}
     assert steps == {str(s) for s in range(1, max(int(s) for s in steps) + 1)}
+
+
+# ----------------------------------------------------------------------------- declarations vs code
+
+# modules that only record a run (MLflow, PNGs, progress bars): they change no stage output
+RECORDING = {"tasks/tracking.py", "tasks/run_record.py", "tasks/plots.py", "ast_core/progress.py"}
+ENTRY = ("tasks/cli.py", "tasks/pipeline.py")  # every stage's command; they dispatch, not traversed
+
+
+def _project_imports(rel: str) -> set[str]:
+    """Project modules that ``rel`` imports anywhere (module level or inside functions), as paths."""
+    import ast
+    tree = ast.parse((REPO / rel).read_text())
+    pkg = rel.rsplit("/", 1)[0].replace("/", ".")
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = pkg.split(".")[: len(pkg.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
+            names.add(base)
+            names.update(f"{base}.{a.name}" for a in node.names)
+    out = set()
+    for name in names:
+        path = name.replace(".", "/")
+        if (REPO / f"{path}.py").is_file() and path.split("/")[0] in ("ast_core", "tasks"):
+            out.add(f"{path}.py")
+        elif (REPO / path / "__init__.py").is_file() and path.split("/")[0] in ("ast_core", "tasks"):
+            out.add(f"{path}/__init__.py")
+    return out
+
+
+def _code_closure(start: str) -> set[str]:
+    todo, seen = [start], set()
+    while todo:
+        rel = todo.pop()
+        if rel in seen or rel in RECORDING:
+            continue
+        seen.add(rel)
+        if rel not in ENTRY:
+            todo.extend(_project_imports(rel))
+    return {p for p in seen if not p.endswith("__init__.py")} - RECORDING
+
+
+def test_each_stage_depends_on_every_module_its_code_imports() -> None:
+    """A code change re-runs exactly the stages whose code imports it (``dvc repro`` trusts these lists)."""
+    import yaml
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    modules = {"prepare": "tasks/prepare.py", "cache-teacher": "tasks/cache_teacher.py",
+               "train": "tasks/train.py", "compile": "tasks/compile.py", "evaluate": "tasks/evaluate.py"}
+    missing = {}
+    for stage, module in modules.items():
+        deps = set(stages[stage]["deps"])
+        need = _code_closure(module) | set(ENTRY)
+        gap = sorted(need - deps)
+        if gap:
+            missing[stage] = gap
+    assert missing == {}, f"dvc.yaml deps lack modules the stage imports: {missing}"

@@ -1,4 +1,4 @@
-"""ASTAdamW numerics (DESIGN.md §1) and the λ(t) / learning-rate schedules."""
+"""ASTAdamW numerics (docs/ARCHITECTURE.md, "The method") and the λ(t) / learning-rate schedules."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def _grads(step: int, shapes, dtype=torch.float64):
 
 
 def _reference_step(p, grad, st, mask, lr, wd, lam, mode, int_mask_bug=False):
-    """DESIGN.md §1 written out directly (float64, no in-place tricks).
+    """The update rule of docs/ARCHITECTURE.md written out directly (float64, no in-place tricks).
 
     ``int_mask_bug`` reproduces the official code's decay term ``W * ~mask * λ``
     with an int 0/1 mask, where ``~`` is bitwise not: masked → −1, kept → −2.

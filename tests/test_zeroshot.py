@@ -306,3 +306,10 @@ def test_smollm2_beats_chance_on_local_tasks_limit_100(smollm2, smollm2_tokenize
           + ", ".join(f"{k} {v:.2f}" for k, v in scores.items()))
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert scores["arc_easy"] > 0.40 and scores["piqa"] > 0.55 and scores["lambada_openai"] > 0.15
+
+
+def test_the_task_list_is_the_yaml_folder_and_every_local_source_has_a_yaml() -> None:
+    from tasks.config import ZERO_SHOT_TASKS
+    yamls = sorted(p.stem for p in zs.TASKS_DIR.glob("*.yaml"))
+    assert list(zs.TASKS) == yamls and ZERO_SHOT_TASKS == zs.TASKS and len(yamls) == 9
+    assert set(zs.LOCAL_SOURCES) <= set(yamls)
