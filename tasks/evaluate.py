@@ -254,3 +254,34 @@ def _tasks_hint(m: dict) -> str:
     except (ValueError, OSError):
         return ""
     return f"Stock lm-eval: `lm_eval --model hf --include_path {folder} --tasks {','.join(m['zero_shot'])} ...`\n"
+
+
+def evaluate_model(cfg, path: str, adapter: str | None = None, tokenizer: str | None = None,
+                   json_out: str | None = None) -> dict:
+    """``ast-pipeline evaluate-model``: any checkpoint, loaded the stock way, on the windows and tasks of
+    ``cfg.evaluate`` (the same ones the pipeline uses), so an export compares with models from elsewhere."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    if adapter is not None and not Path(adapter).is_dir():
+        raise StageError(f"--adapter {adapter}: no such directory")
+    if p.exists() and not (p / "config.json").is_file():
+        raise StageError(f"{p}: not a model directory (no config.json)")
+    model = load_exported(path, adapter)  # refuses a broken or mismatched adapter (AdapterError)
+    try:
+        tok = AutoTokenizer.from_pretrained(tokenizer or path)
+    except (OSError, ValueError) as err:
+        raise StageError(f"no tokenizer at {tokenizer or path} ({err}); pass --tokenizer") from err
+    scores = measure(model, tok, cfg.evaluate)
+    out = {"model": str(path), "adapter": adapter, "ppl_wikitext2": scores["ppl"],
+           "ppl_wikitext2_ci95": scores["ppl_ci95"], "ppl_windows": scores["windows"],
+           "ppl_seq_len": cfg.evaluate.seq_len, "zero_shot": scores["zero_shot"],
+           "zero_shot_docs": scores["zero_shot_docs"], "params": cfg.name}
+    if json_out:
+        atomic_write_json(Path(json_out), out)
+    lines = [f"{path}{' + ' + adapter if adapter else ''}",
+             f"WikiText-2 ppl ({out['ppl_windows']}×{out['ppl_seq_len']} tokens): {out['ppl_wikitext2']:.4f}"
+             f"{_ci(out['ppl_wikitext2_ci95'])}"]
+    lines += [f"{t} acc ({out['zero_shot_docs'].get(t, '?')} docs): {a:.4f}" for t, a in out["zero_shot"].items()]
+    print("\n".join(lines))
+    return out
