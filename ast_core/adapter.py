@@ -139,11 +139,13 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> dict:
     """Refuse an adapter that stock PEFT would load wrongly or not at all; returns its ``adapter_config``.
 
     Checks, each with a message naming the file and what is wrong: the files
-    exist and parse; it is a LoRA adapter; when ``slorb.json`` is there, the
+    exist and parse; for a LoRA adapter (other kinds are left to PEFT): when ``slorb.json`` is there (a
+    SLoRB adapter: LoRA with scaling 1), the
     base's safetensors files have the recorded sha256 (an adapter exported for
-    another base is refused even when every shape fits); every targeted module
-    exists in the base config's shapes, and the tensors have the shapes the
-    config implies (``lora_A [r, in]``, ``lora_B [out, r]``).
+    another base is refused even when every shape fits); ``target_modules``
+    (PEFT's matching rule) names linear layers of the base, each has both tensors
+    (PEFT would silently keep a freshly initialised one), and their shapes are
+    the ones the config implies (``lora_A [r, in]``, ``lora_B [out, r]``).
     """
     from .export import _checkpoint_files  # the base's own safetensors files
 
@@ -154,8 +156,11 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> dict:
         config = json.loads((adapter / PEFT_CONFIG).read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise AdapterError(f"{adapter / PEFT_CONFIG}: unreadable ({err})") from err
+    ours = (adapter / ADAPTER_META).is_file()  # a SLoRB adapter of an export (else any PEFT adapter)
     if config.get("peft_type") != "LORA":
-        raise AdapterError(f"{adapter / PEFT_CONFIG}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
+        if ours:
+            raise AdapterError(f"{adapter / PEFT_CONFIG}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
+        return config  # another kind of adapter: PEFT's own checks apply
     if not (adapter / PEFT_WEIGHTS).is_file():
         raise AdapterError(f"{adapter}: no {PEFT_WEIGHTS}")
     try:
@@ -178,17 +183,13 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> dict:
     rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
     fan = bool(config.get("fan_in_fan_out"))
     problems = []
-    targets = config.get("target_modules") or []
-    if isinstance(targets, str):
-        raise AdapterError(f"{adapter / PEFT_CONFIG}: target_modules is a pattern; expected the list of modules")
+    targets = _targeted(config.get("target_modules"), base_shapes)
+    if not targets:
+        problems.append(f"target_modules {config.get('target_modules')!r} match no linear layer of the base")
     for name in targets:
-        weight = f"{name}.weight"
-        if weight not in base_shapes:
-            problems.append(f"{name}: no such linear layer in {base}")
-            continue
-        out_f, in_f = base_shapes[weight][::-1] if fan else base_shapes[weight]
+        out_f, in_f = base_shapes[f"{name}.weight"][::-1] if fan else base_shapes[f"{name}.weight"]
         r = _pattern_value(rank_pattern, name, r_default)
-        if _pattern_value(alpha_pattern, name, alpha_default) != r:
+        if ours and _pattern_value(alpha_pattern, name, alpha_default) != r:
             problems.append(f"{name}: lora_alpha != r (scaling must be 1 for SLoRB)")
         for key, shape in ((f"base_model.model.{name}.lora_A.weight", (r, in_f)),
                            (f"base_model.model.{name}.lora_B.weight", (out_f, r))):
@@ -196,15 +197,28 @@ def check_adapter(base_dir: str | Path, adapter_dir: str | Path) -> dict:
                 problems.append(f"{key} missing")
             elif shapes[key] != shape:
                 problems.append(f"{key} has shape {list(shapes[key])}, the base needs {list(shape)}")
-    extra = sorted(k for k in shapes if not any(k.startswith(f"base_model.model.{t}.lora_") for t in targets))
+    wanted = {f"base_model.model.{t}.lora_{ab}.weight" for t in targets for ab in "AB"}
+    extra = sorted(set(shapes) - wanted)
     if extra:
         problems.append(f"tensors for no targeted module: {', '.join(extra[:5])}")
-    if not targets:
-        problems.append("target_modules is empty")
     if problems:
         raise AdapterError(f"{adapter} does not fit {base}: " + "; ".join(problems[:8])
                            + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else ""))
     return config
+
+
+def _targeted(target_modules, base_shapes: dict[str, tuple[int, ...]]) -> list[str]:
+    """The base's 2-D weights' modules that PEFT would adapt (its own matching rule).
+
+    A list names modules by full name or by suffix (``key == t`` or ``key.endswith("." + t)``;
+    PEFT shortens a long list of full names to their common suffixes when it saves); a
+    string is a regex that must match the whole module name.
+    """
+    modules = sorted(k[: -len(".weight")] for k, v in base_shapes.items() if len(v) == 2)
+    if isinstance(target_modules, str):
+        return [k for k in modules if re.fullmatch(target_modules, k)]
+    targets = list(target_modules or [])
+    return [k for k in modules if any(k == t or k.endswith(f".{t}") for t in targets)]
 
 
 def _pattern_value(patterns: dict[str, int], name: str, default):

@@ -10,8 +10,8 @@ bytes counted:
   kept fp16 values + 2-bit positions for every sparse linear, everything else
   dense, SLoRB ``S`` included);
 - the stock Hugging Face checkpoint (:func:`ast_core.export.export_hf`: fp16
-  dense weights with zeros; SLoRB, which cannot fold into a 2:4 weight, in a
-  side file; 1-bit packed masks).
+  dense weights with zeros; SLoRB, which cannot fold into a 2:4 weight, as a
+  PEFT LoRA adapter holding X and S; 1-bit packed masks).
 
 Ratios: sparse linears compressed / fp16 dense (the physical limit for 16-bit
 values + 2-bit indices is 2·(1/2 + 1/16)/2 = 0.5625; DESIGN.md §5 asks

@@ -246,6 +246,23 @@ def test_adapter_of_another_base_or_broken_is_refused_naming_the_cause(tmp_path:
     with pytest.raises(AdapterError, match=r"q_proj\.lora_B\.weight has shape \[64, 2\], the base needs \[64, 4\]"):
         check_adapter(tmp_path / "shape", tmp_path / "shape" / "adapter")
 
+    # PEFT saves a long list of targets (more than 20 modules, e.g. SmolLM2's 210) as their common
+    # suffixes; the check follows PEFT's rule, and a module matched without tensors is refused
+    shutil.copytree(a, tmp_path / "suffix")
+    cfg_file = tmp_path / "suffix" / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["target_modules"] = sorted({t.rsplit(".", 1)[-1] for t in cfg["target_modules"]})
+    cfg_file.write_text(json.dumps(cfg))
+    check_adapter(tmp_path / "suffix", tmp_path / "suffix" / "adapter")
+    torch.testing.assert_close(_logits(load_exported(tmp_path / "suffix", tmp_path / "suffix" / "adapter")),
+                               _logits(load_exported(a, a / "adapter")), rtol=0, atol=0)
+    t = load_file(str(tmp_path / "suffix" / "adapter" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in t.items() if ".layers.1.mlp.up_proj." not in k},
+              str(tmp_path / "suffix" / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "suffix" / "adapter" / "slorb.json").unlink()
+    with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.up_proj\.lora_A\.weight missing"):
+        check_adapter(tmp_path / "suffix", tmp_path / "suffix" / "adapter")
+
     shutil.copytree(a, tmp_path / "trunc")
     f = tmp_path / "trunc" / "adapter" / "adapter_model.safetensors"
     f.write_bytes(f.read_bytes()[:100])
