@@ -13,14 +13,18 @@ Files beside the stock checkpoint:
   transposed ``[in, out]``), and how SLoRB was handled.
 - ``masks.safetensors`` — the N:M masks, one bit per weight (``[out, ceil(in/8)]``
   uint8, ``[out, in]`` layout). A kept weight can be exactly 0.0, so the
-  non-zero pattern alone does not determine the mask; training resumes and
-  :func:`load_with_slorb` use these.
-- with an unfoldable SLoRB branch: ``slorb.safetensors`` (the ``S`` tensors) and
-  a ``README.md`` saying the stock load is the 2:4 model *without* SLoRB.
+  non-zero pattern alone does not determine the mask; :func:`load_sparse`
+  (the trainable sparse model of an export) uses these.
+- ``README.md`` — the model card (``tasks/model_card.py`` writes the full one
+  with measured numbers; without one, a short note on how to load).
+- with an unfoldable SLoRB branch: ``adapter/``, a stock PEFT LoRA adapter
+  (``ast_core.adapter``: ``lora_A = X``, ``lora_B = S``, scaling 1), so
+  ``PeftModel.from_pretrained(base, "<export>/adapter")`` is the boosted model
+  and the stock load alone is the 2:4 base without SLoRB.
 
 SLoRB: ``W ⊙ m + S·X`` is N:M only when ``S`` vanishes on the pruned slots
 (``ast_core.slorb.fold_is_exact``). ``slorb="auto"`` folds when that holds for
-every layer and otherwise keeps the branch as a small dense side file.
+every layer and otherwise exports the branch as the adapter.
 """
 
 from __future__ import annotations
@@ -42,14 +46,14 @@ from torch import nn
 
 from .compressed import pack_bits, unpack_bits
 from .masks import NMReport, check_weights, magnitude_score, nm_mask
-from .slorb import SLoRB, fold_is_exact, folded_weight, load_slorb_state, slorb_layers, slorb_state
+from .adapter import ADAPTER_DIR, check_adapter, save_slorb_adapter
+from .slorb import fold_is_exact, folded_weight, slorb_layers
 from .sparse import SparseLinear, densify, sparse_layers
 from .errors import ASTError
 
 SPARSITY_FILE = "sparsity.json"
 MASKS_FILE = "masks.safetensors"
-SLORB_FILE = "slorb.safetensors"
-SIDE_FILES = {MASKS_FILE, SLORB_FILE, "compressed.safetensors"}
+SIDE_FILES = {MASKS_FILE, "compressed.safetensors"}
 
 # Fallback when an exported dir has no sparsity.json: (regex, stored transposed?)
 DEFAULT_PATTERNS: list[tuple[str, bool]] = [
@@ -142,43 +146,45 @@ def _fold_slorb(model: nn.Module) -> None:
         layer.set_mask(mask)
 
 
-README_SIDE = """# 2:4 sparse model with a SLoRB side branch
+README_NOTE = """# {n}:{m} sparse model
 
-`AutoModelForCausalLM.from_pretrained("{name}")` loads the **2:4 sparse model
-WITHOUT SLoRB**: the stock checkpoint holds only the sparse base weights
-(`W ⊙ m`, exactly {n}:{m}). The SLoRB branch (`y += (x·Xᵀ)·Sᵀ`, group size
-{k}) cannot be folded into a {n}:{m} weight, so its `S` tensors are in
-`{slorb}`.
+`AutoModelForCausalLM.from_pretrained("{name}")` loads the {n}:{m} sparse model{base_note}.
+{adapter_note}
+`sparsity.json` lists the sparse tensors; `{masks}` holds their masks.
+"""
 
-To rebuild the boosted model (what was trained and evaluated):
+ADAPTER_NOTE = """
+The SLoRB branch (`y += S·(X·x)`, a LoRA update with `lora_A = X`, `lora_B = S`,
+scaling 1) cannot be folded into {n}:{m} weights, so it is a PEFT adapter in
+`{adapter}/`. The boosted model (what was trained and evaluated):
 
 ```python
-from ast_core.export import load_with_slorb
-model = load_with_slorb("{name}")
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+base = AutoModelForCausalLM.from_pretrained("{name}")
+model = PeftModel.from_pretrained(base, "{name}/{adapter}")
 ```
-
-`sparsity.json` lists the sparse tensors; `{masks}` holds their masks.
 """
 
 
 def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, n: int = 2, m: int = 4,
-              slorb: str = "auto") -> dict:
+              slorb: str = "auto", card: str | None = None) -> dict:
     """Write a stock HF checkpoint of a sparsified model (dense weights with zeros).
 
     Refuses a model whose sparse weights are not N:M; a model without sparse
     layers (the dense baseline) is saved as is, with ``"pattern": "dense"``
     in ``sparsity.json``. Works on a deep copy:
     SLoRB is folded (``slorb="fold"``, or ``"auto"`` when every layer folds
-    exactly) or saved beside the checkpoint (``"side"``, or ``"auto"``
-    otherwise); then every ``SparseLinear`` becomes a plain layer holding
+    exactly) or written as a PEFT LoRA adapter in ``out_dir/adapter/``
+    (``"adapter"``, or ``"auto"`` otherwise; ``ast_core.adapter``); then every ``SparseLinear`` becomes a plain layer holding
     ``W ⊙ m`` and the model is saved as safetensors (the only format of
     ``save_pretrained`` in transformers 5) with the tokenizer, ``sparsity.json``
-    and the masks. The result is re-verified from disk, then moved into place
+    and the masks, and ``card`` (or a short loading note) as ``README.md``. The result is re-verified from disk, then moved into place
     atomically (written to a temp dir beside ``out_dir`` and renamed), so
     ``out_dir`` is either the old export or the complete new one.
     """
-    if slorb not in ("auto", "fold", "side"):
-        raise ValueError(f"slorb must be 'auto', 'fold' or 'side', got {slorb!r}")
+    if slorb not in ("auto", "fold", "adapter"):
+        raise ValueError(f"slorb must be 'auto', 'fold' or 'adapter', got {slorb!r}")
     has_sparse = next(sparse_layers(model), None) is not None
     report = verify_model(model, n, m)
     if has_sparse and not report.ok:
@@ -187,7 +193,7 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, n: int = 2, m: i
     unfoldable = [name for name, layer, _ in branches if not fold_is_exact(layer)]
     if slorb == "fold" and unfoldable:
         raise ExportError(f"SLoRB cannot be folded exactly into {n}:{m} weights for: {', '.join(unfoldable[:10])}")
-    mode = "none" if not branches else ("side" if slorb == "side" or unfoldable else "folded")
+    mode = "none" if not branches else ("adapter" if slorb == "adapter" or unfoldable else "folded")
     side_info: dict = {"mode": mode}
     if branches:
         first = branches[0][2]
@@ -198,11 +204,11 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, n: int = 2, m: i
     out = Path(out_dir).resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     work = copy.deepcopy(model)
-    side_state: dict[str, torch.Tensor] = {}
+    adapter_branches = []
     if mode == "folded":
         _fold_slorb(work)
-    elif mode == "side":
-        side_state = {k: v.contiguous() for k, v in slorb_state(work).items()}
+    elif mode == "adapter":
+        adapter_branches = [(name, side) for name, _, side in slorb_layers(work)]
         for _, layer, _ in slorb_layers(work):
             layer.side = None
     layers = dict(sparse_layers(work))
@@ -224,11 +230,18 @@ def export_hf(model: nn.Module, tokenizer, out_dir: str | Path, n: int = 2, m: i
         if masks:
             save_file(masks, str(tmp / MASKS_FILE), metadata={"layout": "[out, ceil(in/8)] uint8, bit j of "
                                                                         "byte b = column 8b+j"})
-        if mode == "side":
-            save_file(side_state, str(tmp / SLORB_FILE))
-            side_info["file"] = SLORB_FILE
-            (tmp / "README.md").write_text(README_SIDE.format(name=out.name, n=n, m=m, k=side_info["group_size"],
-                                                              slorb=SLORB_FILE, masks=MASKS_FILE))
+        if mode == "adapter":
+            conv1d = any(t["conv1d"] for t in sparse_tensors.values())
+            meta = save_slorb_adapter(work, adapter_branches, tmp / ADAPTER_DIR, _checkpoint_files(tmp),
+                                      base_path=str(out), fan_in_fan_out=conv1d)
+            check_adapter(tmp, tmp / ADAPTER_DIR)
+            side_info.update(adapter_dir=ADAPTER_DIR, base_sha256=meta["base_sha256"])
+        if card is None:
+            card = README_NOTE.format(
+                name=out, n=n, m=m, masks=MASKS_FILE,
+                base_note=" without SLoRB (the 2:4 base)" if mode == "adapter" else "",
+                adapter_note=ADAPTER_NOTE.format(name=out, n=n, m=m, adapter=ADAPTER_DIR) if mode == "adapter" else "")
+        (tmp / "README.md").write_text(card)
         info = {"format_version": 1, "pattern": f"{n}:{m}" if has_sparse else "dense", "n": n, "m": m,
                 "layout_note": "conv1d tensors are stored [in, out]; groups run along the input dim",
                 "sparse_tensors": sparse_tensors, "masks_file": MASKS_FILE, "slorb": side_info}
@@ -261,14 +274,13 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def load_with_slorb(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
-    """Rebuild the sparse (and boosted) model of an export: stock load + masks + SLoRB.
+def load_sparse(path: str | Path, dtype: torch.dtype | None = None) -> nn.Module:
+    """The trainable 2:4 base of an export: stock load, then ``SparseLinear`` layers with the stored masks.
 
-    Swaps the layers named in ``sparsity.json`` for ``SparseLinear``, sets the
-    stored masks (refusing a checkpoint with a non-zero weight outside its
-    mask), and, when the export kept SLoRB as a side file, attaches branches of
-    the recorded group size and loads ``S``. Without a side branch this is
-    simply the trainable sparse model of the export.
+    Swaps the layers named in ``sparsity.json`` for ``SparseLinear`` and sets the
+    stored masks (refusing a checkpoint with a non-zero weight outside its mask).
+    The SLoRB adapter is not part of it: the boosted model for inference is
+    ``ast_core.adapter.load_exported(path, path / "adapter")``, the stock PEFT load.
     """
     from transformers import AutoModelForCausalLM
 
@@ -285,12 +297,13 @@ def load_with_slorb(path: str | Path, dtype: torch.dtype | None = None) -> nn.Mo
             raise ExportError(f"{tensor_name}: non-zero weights outside the stored mask")
         layer.set_mask(mask)
         _set_submodule(model, name, layer)
-    side = info["slorb"]
-    if side["mode"] == "side":
-        for name, b in side["layers"].items():
-            layer = model.get_submodule(name)
-            layer.side = SLoRB(layer.in_features, layer.out_features, b["group_size"], b["trainable_projection"],
-                               device=layer.weight.device, dtype=layer.weight.dtype, name=name)
-        load_slorb_state(model, load_file(str(p / side["file"])))
     model.eval()
     return model
+
+
+def exported_adapter(path: str | Path) -> Path | None:
+    """``path/adapter`` when the export holds its SLoRB as an adapter (``sparsity.json`` says so), else None."""
+    p = Path(path)
+    info = json.loads((p / SPARSITY_FILE).read_text()) if (p / SPARSITY_FILE).is_file() else {}
+    side = info.get("slorb") or {}
+    return p / side["adapter_dir"] if side.get("mode") == "adapter" else None

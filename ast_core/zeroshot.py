@@ -284,6 +284,13 @@ def zero_shot(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = 
     evaluated in eval mode and its train/eval mode is restored afterwards; the global RNGs are
     not reseeded (lm-eval would otherwise reset them), so a training run is not perturbed.
     """
+    return zero_shot_counted(model, tokenizer, tasks, limit, batch_size, mirror, offline, metric, cache_dir)[0]
+
+
+def zero_shot_counted(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None,
+                      batch_size: int = 8, mirror: Path | None = None, offline: bool = True,
+                      metric: str = "acc", cache_dir: Path | None = None) -> tuple[dict[str, float], dict[str, int]]:
+    """:func:`zero_shot`, plus the number of documents each accuracy is over."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -300,11 +307,28 @@ def zero_shot(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = 
     finally:
         model.train(was_training)
     results = out["results"]
-    scores = {}
+    scores, counts = {}, {}
     for name in tasks:
         key = f"{metric},none"
         if key not in results[name]:
             raise ValueError(f"task {name!r} has no metric {metric!r}; it reports "
                              f"{sorted(k.split(',')[0] for k in results[name] if ',' in k)}")
         scores[name] = float(results[name][key])
-    return scores
+        counts[name] = int(out.get("n-samples", {}).get(name, {}).get("effective", limit or 0))
+    return scores, counts
+
+
+def include_path(tasks: list[str] | None = None, mirror: Path | None = None, cache_dir: Path | None = None) -> Path:
+    """The folder to give ``lm_eval --include_path`` for the mirror's tasks (converted if needed).
+
+    ``tasks`` defaults to every task the mirror holds. Raises ``ValueError`` when there is no
+    mirror or it holds none of them.
+    """
+    root = _mirror_root(mirror)
+    kinds = _kinds(root)
+    wanted = list(tasks) if tasks is not None else [t for t in LOCAL_SOURCES if kinds[t] == "local"]
+    local = [t for t in wanted if kinds.get(t) == "local"]
+    if root is None or not local:
+        raise ValueError(f"no local zero-shot tasks to convert (mirror {root}, tasks {wanted}); "
+                         "set AST_DATA_MIRROR to the data mirror")
+    return prepare_local_tasks(root, cache_dir if cache_dir is not None else default_cache_dir(root), local)

@@ -10,8 +10,8 @@ bytes counted:
   kept fp16 values + 2-bit positions for every sparse linear, everything else
   dense, SLoRB ``S`` included);
 - the stock Hugging Face checkpoint (:func:`ast_core.export.export_hf`: fp16
-  dense weights with zeros; SLoRB, which cannot fold into a 2:4 weight, in a
-  side file; 1-bit packed masks).
+  dense weights with zeros; SLoRB, which cannot fold into a 2:4 weight, as a
+  PEFT LoRA adapter holding X and S; 1-bit packed masks).
 
 Ratios: sparse linears compressed / fp16 dense (the physical limit for 16-bit
 values + 2-bit indices is 2·(1/2 + 1/16)/2 = 0.5625; the project goal asks
@@ -58,7 +58,8 @@ def measure(model_spec: str = MODEL, group: int = 16, dtype: torch.dtype = torch
             work: Path | None = None) -> dict:
     """Byte counts and ratios of both exports of ``model_spec`` (2:4 magnitude masks + SLoRB of ``group``)."""
     from ast_core.compressed import byte_report, save_compressed
-    from ast_core.export import SLORB_FILE, export_hf
+    from ast_core.adapter import ADAPTER_DIR
+    from ast_core.export import export_hf
     from ast_core.models import load_model
     from ast_core.oneshot import oneshot_prune
     from ast_core.slorb import add_slorb, slorb_parameter_count
@@ -80,7 +81,8 @@ def measure(model_spec: str = MODEL, group: int = 16, dtype: torch.dtype = torch
         compress_s = time.perf_counter() - t0
         export_hf(model, None, hf_dir, 2, 4)
         hf_weights = _dir_bytes(hf_dir, "model*.safetensors")
-        hf_side = (hf_dir / SLORB_FILE).stat().st_size if (hf_dir / SLORB_FILE).exists() else 0
+        # the SLoRB adapter holds lora_A = X (0/1, (d/k)×d) beside lora_B = S: the price of the stock PEFT format
+        hf_side = _dir_bytes(hf_dir / ADAPTER_DIR, "*.safetensors") if (hf_dir / ADAPTER_DIR).exists() else 0
         hf_total = _dir_bytes(hf_dir)
         comp_total = _dir_bytes(comp_dir)
 

@@ -394,7 +394,8 @@ def render_compression_body(d: dict, image: Callable[[str, str], str] | None = N
         "(tied with the LM head), norms and SLoRB stay dense, so the whole checkpoint cannot reach that limit. "
         f"Kept dense in the compressed checkpoint: {mib(other)} (embeddings, norms) + {mib(d['slorb_bytes'])} SLoRB. "
         f"The HF export directory holds {mib(d['hf_dir_bytes'])}: weights {mib(d['hf_weights_file_bytes'])}, SLoRB "
-        f"side file {mib(d['hf_slorb_file_bytes'])} (SLoRB does not fold into a 2:4 weight), the packed masks and "
+        f"PEFT adapter {mib(d['hf_slorb_file_bytes'])} (SLoRB does not fold into a 2:4 weight; the adapter "
+        "stores lora_A = X beside lora_B = S), the packed masks and "
         "JSON (written without a tokenizer).", ""])
     if image is not None:
         text += image("compression.png", "compression")

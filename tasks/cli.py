@@ -39,6 +39,15 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("path", help="DIR/export/hf")
     v.add_argument("--n", type=int, default=2)
     v.add_argument("--m", type=int, default=4)
+    em = sub.add_parser("evaluate-model", help="perplexity + zero-shot of any checkpoint on a preset's windows and tasks")
+    em.add_argument("path", help="a model directory (e.g. DIR/export/hf) or a hub id")
+    em.add_argument("--adapter", default=None, help="a PEFT adapter directory (e.g. DIR/export/hf/adapter)")
+    em.add_argument("--params", required=True, help="params/NAME.yaml: its evaluate section sets windows and tasks")
+    em.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    em.add_argument("--tokenizer", default=None, help="tokenizer directory or hub id (default: PATH)")
+    em.add_argument("--json", default=None, help="also write the scores to this JSON file")
+    tp = sub.add_parser("tasks-path", help="print the folder of converted zero-shot tasks for lm_eval --include_path")
+    tp.add_argument("--tasks", default=None, help="comma-separated task names (default: every task the mirror has)")
     return p
 
 
@@ -70,7 +79,20 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = verify_hf_dir(Path(args.path), args.n, args.m)
         print(report)
         return 0 if report.ok else 1
+    if args.command == "tasks-path":
+        from ast_core.zeroshot import include_path
+
+        from .common import StageError
+        try:
+            print(include_path(args.tasks.split(",") if args.tasks else None))
+        except ValueError as err:  # no mirror, or none of the tasks in it
+            raise StageError(str(err)) from err
+        return 0
     cfg = load_config(args.params, args.overrides)  # validated before any work
+    if args.command == "evaluate-model":
+        from .evaluate import evaluate_model
+        evaluate_model(cfg, args.path, args.adapter, args.tokenizer, args.json)
+        return 0
     if args.command == "check":
         import yaml
         print(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))

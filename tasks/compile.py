@@ -13,6 +13,7 @@ from ast_core.kernels import cuda_available
 from ast_core.models import load_tokenizer
 from ast_core.sparse import SparsityError, sparse_layers
 
+from . import model_card
 from .common import RunContext, hash_json, log
 
 
@@ -39,6 +40,9 @@ def run(ctx: RunContext) -> dict:
         info["verify"] = str(report)
     tok = load_tokenizer(c.model.student, c.model.trust_remote_code)
     info["hf"] = export_hf(model, tok, export_root / "hf", c.sparsity.n, c.sparsity.m)
+    # the card without numbers; the evaluate stage rewrites it with what it measured on this export
+    atomic_write_text(export_root / "hf" / "README.md",
+                      model_card.render(c, ctx.require("train"), info["hf"]["slorb"]))
     if c.compile.compressed and info["sparse_layers"] and c.sparsity.n == 2 and c.sparsity.m == 4:
         save_compressed(model, export_root / "compressed", c.sparsity.n, c.sparsity.m)
         info["compressed"] = byte_report(export_root / "compressed")

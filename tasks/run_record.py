@@ -106,12 +106,14 @@ def stage_metrics(ctx: RunContext, stage: str, result: dict) -> dict[str, float]
              "compressed_checkpoint_ratio": comp.get("checkpoint_ratio"),
              "compressed_file_bytes": comp.get("file_bytes")}
     elif stage == "evaluate":
-        m = {k: result.get(k) for k in ("ppl_wikitext2", "ppl_wikitext2_dense", "tokens_trained",
-                                         "flip_rate_final", "compressed_ratio")}
+        m = {k: result.get(k) for k in ("ppl_wikitext2", "ppl_wikitext2_dense", "ppl_wikitext2_trained",
+                                         "ppl_wikitext2_base_only", "tokens_trained", "flip_rate_final",
+                                         "compressed_ratio")}
+        m["export_ppl_rel_diff"] = (result.get("export_check") or {}).get("ppl_rel_diff")
         for key in ("ppl_wikitext2_ci95", "ppl_wikitext2_dense_ci95"):
             lo_hi = result.get(key) or [None, None]
             m[f"{key}_lo"], m[f"{key}_hi"] = lo_hi[0], lo_hi[1]
-        for prefix in ("zero_shot", "zero_shot_dense"):
+        for prefix in ("zero_shot", "zero_shot_dense", "zero_shot_trained", "zero_shot_base_only"):
             scores = result.get(prefix) or {}
             m.update({f"{prefix}/{task}": acc for task, acc in scores.items()})
             if scores:
@@ -126,7 +128,7 @@ def stage_files(ctx: RunContext, stage: str) -> list[Path]:
         "cache-teacher": ["cache_teacher/cache/fingerprint.json"],
         "train": ["train/history.jsonl", "train/final/meta.json"],
         "compile": ["compile/report.json", "export/hf/sparsity.json"],
-        "evaluate": ["metrics.json", "metrics.md"],
+        "evaluate": ["metrics.json", "metrics.md", "export/hf/README.md"],
     }[stage]
     return [ctx.out / r for r in rel if (ctx.out / r).is_file()]
 

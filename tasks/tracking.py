@@ -273,12 +273,18 @@ class MlflowTracker(Tracker):
         self.call("ending the pipeline run", self.client.set_terminated, self.parent_id, status, force=True)
 
 
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow 3.x reads this tag to choose an experiment's page: without it the UI opens the GenAI
+"Overview"; ``custom_model_development`` opens the runs table (model training)."""
+
+
 def _experiment(client: Any, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is None:
         root = artifact_root(uri)
         try:
-            return client.create_experiment(name, artifact_location=(root / name).as_uri() if root else None)
+            return client.create_experiment(name, artifact_location=(root / name).as_uri() if root else None,
+                                            tags=EXPERIMENT_KIND)
         except Exception:  # noqa: BLE001 - created meanwhile by another process
             exp = client.get_experiment_by_name(name)
             if exp is None:
@@ -286,6 +292,9 @@ def _experiment(client: Any, name: str, uri: str) -> str:
     if exp.lifecycle_stage == "deleted":
         log.info("tracking: restoring the deleted MLflow experiment %r", name)
         client.restore_experiment(exp.experiment_id)
+    for key, value in EXPERIMENT_KIND.items():  # experiments made before the tag; a user's own choice stays
+        if key not in (exp.tags or {}):
+            client.set_experiment_tag(exp.experiment_id, key, value)
     return exp.experiment_id
 
 

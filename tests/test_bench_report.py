@@ -314,7 +314,7 @@ def test_compression_on_a_tiny_model(tmp_path: Path) -> None:
     rest = r["checkpoint_compressed_bytes"] - r["sparse_linear_compressed_bytes"]
     assert rest == r["dense_model_bytes"] - r["sparse_linear_dense_bytes"] + r["slorb_bytes"]
     assert r["checkpoint_ratio_vs_dense_model"] < 1.0
-    assert r["hf_slorb_file_bytes"] > r["slorb_bytes"]  # SLoRB cannot fold into 2:4: a side file
+    assert r["hf_slorb_file_bytes"] > r["slorb_bytes"]  # SLoRB cannot fold into 2:4: a PEFT adapter holding X and S
     assert math.isclose(r["file_ratio_vs_hf_weights"], r["compressed_file_bytes"] / r["hf_weights_file_bytes"])
     md = (tmp_path / "compression.md").read_text()
     assert "**Goal: compressed 2:4 sparse linears ≤ 0.57× fp16 dense bytes" in md and "— met**" in md

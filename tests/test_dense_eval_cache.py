@@ -26,23 +26,23 @@ def test_dense_scores_are_measured_once_and_reused(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(evaluate, "_measure", lambda ctx, model, tok: calls.append(model) or real(ctx, model, tok))
 
     assert main(["run", "--params", TINY, "--out", str(tmp_path / "a"), "--no-progress", *FAST]) == 0
-    assert len(calls) == 2  # sparse + dense
+    assert len(calls) == 4  # trained model, export (base + SLoRB adapter), 2:4 base alone, dense
     entries = list((tmp_path / "cache" / "dense_eval").glob("*.json"))
     assert len(entries) == 1
     first = json.loads((tmp_path / "a" / "metrics.json").read_text())
     assert json.loads(entries[0].read_text())["ppl"] == first["ppl_wikitext2_dense"]
 
-    # another method, same teacher and evaluate settings: only the sparse model is measured
+    # another method (no SLoRB), same teacher and evaluate settings: only the trained model and its export
     assert main(["run", "--params", TINY, "--out", str(tmp_path / "b"), "--no-progress", *FAST,
                  "--set", "train.method=naive"]) == 0
-    assert len(calls) == 3
+    assert len(calls) == 6
     second = json.loads((tmp_path / "b" / "metrics.json").read_text())
     assert second["ppl_wikitext2_dense"] == first["ppl_wikitext2_dense"]
 
     # other evaluate settings are another key: measured again
     assert main(["run", "--params", TINY, "--out", str(tmp_path / "c"), "--no-progress", *FAST[:-2],
                  "--set", "evaluate.seq_len=32"]) == 0
-    assert len(calls) == 5 and len(list((tmp_path / "cache" / "dense_eval").glob("*.json"))) == 2
+    assert len(calls) == 10 and len(list((tmp_path / "cache" / "dense_eval").glob("*.json"))) == 2
 
 
 def test_a_damaged_entry_is_measured_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

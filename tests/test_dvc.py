@@ -157,6 +157,12 @@ def test_plots_show_renders_loss_perplexity_and_flip_rate(dvc_repo: DvcRepo) -> 
     html = (dvc_repo.root / "artifacts" / "dvc_plots" / "index.html").read_text()  # .dvc/config plots.out_dir
     for plot in ("loss", "perplexity", "flip-rate"):
         assert f'<div id = "{plot}"' in html, plot
+    # offline: the Vega plots need a CDN, the PNGs are copied beside the page and shown as <img>
+    static = dvc_repo.root / "artifacts" / "dvc_plots" / "static"
+    for name in ("train_loss", "train_flip_rate", "train_schedule", "ppl"):
+        png = static / f"workspace_artifacts_{PRESET}_plots_{name}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f'<img src="static/{png.name}">' in html
     data = json.loads(dvc_repo.dvc("plots", "show", "--json"))["data"]
     flips = data["flip-rate"][0]["content"]["data"]["values"]
     assert {row["step"] for row in flips} >= {"3"} and all("flip_rate_init" in row for row in flips)

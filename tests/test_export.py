@@ -1,4 +1,4 @@
-"""HF export: stock load in a fresh process, verification from disk, SLoRB side files, atomicity."""
+"""HF export: stock load in a fresh process, verification from disk, SLoRB as a PEFT adapter, atomicity."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
-from ast_core.export import ExportError, export_hf, load_with_slorb, verify_hf_dir, verify_model
+from ast_core.adapter import AdapterError, check_adapter, load_exported
+from ast_core.export import ExportError, export_hf, exported_adapter, load_sparse, verify_hf_dir, verify_model
 from ast_core.masks import magnitude_score, nm_mask
 from ast_core.models import load_model, load_tokenizer
 from ast_core.slorb import add_slorb, fold_is_exact, slorb_layers
@@ -188,16 +189,27 @@ def test_failed_export_keeps_the_previous_one_intact(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def test_unfoldable_slorb_is_exported_as_side_files_and_rebuilt(tmp_path: Path, tokenizer) -> None:
+def test_unfoldable_slorb_is_exported_as_a_peft_adapter_and_rebuilt_by_stock_peft(tmp_path: Path, tokenizer) -> None:
     model = _sparse_model("tiny:llama")
     add_slorb(model, 16)  # mean init: S ≠ 0, so folding would fill the pruned slots
     assert not any(fold_is_exact(layer) for _, layer, _ in slorb_layers(model))
     boosted = _logits(model)
     result = export_hf(model, tokenizer, tmp_path / "boosted")
     d = Path(result["out_dir"])
-    assert result["slorb"] == "side" and (d / "slorb.safetensors").exists()
+    assert result["slorb"] == "adapter" and exported_adapter(d) == d / "adapter"
+    assert sorted(p.name for p in (d / "adapter").iterdir()) == [
+        "README.md", "adapter_config.json", "adapter_model.safetensors", "slorb.json"]
+    config = json.loads((d / "adapter" / "adapter_config.json").read_text())
+    # tiny:llama: hidden 64 -> r = 4 (k = 16); down_proj reads the 128-wide MLP -> r = 8; scaling 1 everywhere
+    assert config["peft_type"] == "LORA" and config["r"] == config["lora_alpha"] == 4
+    assert config["rank_pattern"] == config["alpha_pattern"] == {"down_proj": 8}
+    assert len(config["target_modules"]) == 14 and config["lora_dropout"] == 0.0
+    tensors = load_file(str(d / "adapter" / "adapter_model.safetensors"))
+    name, layer, side = slorb_layers(model)[0]
+    assert torch.equal(tensors[f"base_model.model.{name}.lora_B.weight"], side.S.detach())
+    assert set(tensors[f"base_model.model.{name}.lora_A.weight"].unique().tolist()) == {0.0, 1.0}
     readme = (d / "README.md").read_text()
-    assert "WITHOUT SLoRB" in readme and "load_with_slorb" in readme
+    assert "WITHOUT" not in readme and "PeftModel.from_pretrained" in readme and "without SLoRB" in readme
 
     stock = AutoModelForCausalLM.from_pretrained(d)  # the 2:4 base only
     plain = copy.deepcopy(model)
@@ -206,9 +218,58 @@ def test_unfoldable_slorb_is_exported_as_side_files_and_rebuilt(tmp_path: Path, 
     torch.testing.assert_close(_logits(stock), _logits(plain), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(_logits(stock), boosted, atol=1e-4)
 
-    rebuilt = load_with_slorb(d)
-    assert len(slorb_layers(rebuilt)) == 14
-    torch.testing.assert_close(_logits(rebuilt), boosted, rtol=1e-6, atol=1e-6)
+    rebuilt = load_exported(d, d / "adapter")  # AutoModelForCausalLM + PeftModel.from_pretrained
+    assert type(rebuilt).__name__ == "PeftModelForCausalLM"
+    torch.testing.assert_close(_logits(rebuilt), boosted, rtol=1e-5, atol=1e-5)
+    assert verify_hf_dir(d).ok
+
+
+def test_adapter_of_another_base_or_broken_is_refused_naming_the_cause(tmp_path: Path, tokenizer) -> None:
+    one, two = _sparse_model("tiny:llama"), _sparse_model("tiny:llama")
+    with torch.no_grad():
+        for _, layer in sparse_layers(two):
+            layer.weight.mul_(1.5)
+    for model in (one, two):
+        add_slorb(model, 16)
+    a = Path(export_hf(one, None, tmp_path / "a")["out_dir"])
+    b = Path(export_hf(two, None, tmp_path / "b")["out_dir"])
+    check_adapter(a, a / "adapter")
+    with pytest.raises(AdapterError, match="exported for another base"):
+        load_exported(b, a / "adapter")  # same shapes, wrong base: stock PEFT would load it silently
+
+    shutil.copytree(a, tmp_path / "shape")  # an adapter whose tensors do not fit the base
+    t = load_file(str(tmp_path / "shape" / "adapter" / "adapter_model.safetensors"))
+    key = next(k for k in t if k.endswith("q_proj.lora_B.weight"))
+    t[key] = t[key][:, :2].contiguous()
+    save_file(t, str(tmp_path / "shape" / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "shape" / "adapter" / "slorb.json").unlink()  # no fingerprint: the shape check must catch it
+    with pytest.raises(AdapterError, match=r"q_proj\.lora_B\.weight has shape \[64, 2\], the base needs \[64, 4\]"):
+        check_adapter(tmp_path / "shape", tmp_path / "shape" / "adapter")
+
+    # PEFT saves a long list of targets (more than 20 modules, e.g. SmolLM2's 210) as their common
+    # suffixes; the check follows PEFT's rule, and a module matched without tensors is refused
+    shutil.copytree(a, tmp_path / "suffix")
+    cfg_file = tmp_path / "suffix" / "adapter" / "adapter_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg["target_modules"] = sorted({t.rsplit(".", 1)[-1] for t in cfg["target_modules"]})
+    cfg_file.write_text(json.dumps(cfg))
+    check_adapter(tmp_path / "suffix", tmp_path / "suffix" / "adapter")
+    torch.testing.assert_close(_logits(load_exported(tmp_path / "suffix", tmp_path / "suffix" / "adapter")),
+                               _logits(load_exported(a, a / "adapter")), rtol=0, atol=0)
+    t = load_file(str(tmp_path / "suffix" / "adapter" / "adapter_model.safetensors"))
+    save_file({k: v for k, v in t.items() if ".layers.1.mlp.up_proj." not in k},
+              str(tmp_path / "suffix" / "adapter" / "adapter_model.safetensors"))
+    (tmp_path / "suffix" / "adapter" / "slorb.json").unlink()
+    with pytest.raises(AdapterError, match=r"layers\.1\.mlp\.up_proj\.lora_A\.weight missing"):
+        check_adapter(tmp_path / "suffix", tmp_path / "suffix" / "adapter")
+
+    shutil.copytree(a, tmp_path / "trunc")
+    f = tmp_path / "trunc" / "adapter" / "adapter_model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])
+    with pytest.raises(AdapterError, match="not a readable safetensors file"):
+        load_exported(tmp_path / "trunc", tmp_path / "trunc" / "adapter")
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        check_adapter(a, tmp_path / "nowhere")
 
 
 def test_foldable_slorb_is_folded_into_the_stock_checkpoint(tmp_path: Path) -> None:
@@ -220,7 +281,7 @@ def test_foldable_slorb_is_folded_into_the_stock_checkpoint(tmp_path: Path) -> N
     result = export_hf(model, None, tmp_path / "folded")
     d = Path(result["out_dir"])
     assert result["slorb"] == "folded"
-    assert not (d / "slorb.safetensors").exists() and not (d / "README.md").exists()
+    assert not (d / "adapter").exists() and "PeftModel" not in (d / "README.md").read_text()
     stock = AutoModelForCausalLM.from_pretrained(d)
     torch.testing.assert_close(_logits(stock), _logits(model), rtol=1e-6, atol=1e-6)
 
@@ -232,14 +293,14 @@ def test_fold_mode_refuses_unfoldable_slorb_naming_the_layer(tmp_path: Path) -> 
         export_hf(model, None, tmp_path / "x", slorb="fold")
 
 
-def test_load_with_slorb_uses_stored_masks_when_a_kept_weight_is_zero(tmp_path: Path) -> None:
+def test_load_sparse_uses_stored_masks_when_a_kept_weight_is_zero(tmp_path: Path) -> None:
     model = _sparse_model("tiny:gpt2")
     name, layer = next(iter(sparse_layers(model)))
     kept = layer.mask.nonzero()[0]
     with torch.no_grad():
         layer.weight[kept[0], kept[1]] = 0.0  # the non-zero pattern no longer shows this kept slot
     export_hf(model, None, tmp_path / "z")
-    rebuilt = load_with_slorb(tmp_path / "z")
+    rebuilt = load_sparse(tmp_path / "z")
     got = rebuilt.get_submodule(name)
     assert isinstance(got, SparseLinear) and got.from_conv1d
     for (n1, a), (n2, b) in zip(sparse_layers(model), sparse_layers(rebuilt)):
@@ -247,7 +308,7 @@ def test_load_with_slorb_uses_stored_masks_when_a_kept_weight_is_zero(tmp_path: 
     torch.testing.assert_close(_logits(rebuilt), _logits(model), rtol=1e-6, atol=1e-6)
 
 
-def test_load_with_slorb_rebuilds_a_trainable_projection_and_per_layer_group_size(tmp_path: Path) -> None:
+def test_a_trainable_projection_and_other_group_size_export_as_lora_a(tmp_path: Path) -> None:
     model = _sparse_model("tiny:gpt2")
     add_slorb(model, 8, trainable_projection=True)
     with torch.no_grad():
@@ -255,7 +316,9 @@ def test_load_with_slorb_rebuilds_a_trainable_projection_and_per_layer_group_siz
         first.X.add_(0.01)  # no longer a 0/1 group-sum: only the stored X reproduces it
     export_hf(model, None, tmp_path / "x")
     info = json.loads((tmp_path / "x" / "sparsity.json").read_text())["slorb"]
-    assert info["mode"] == "side" and all(v == {"group_size": 8, "trainable_projection": True}
-                                          for v in info["layers"].values())
-    rebuilt = load_with_slorb(tmp_path / "x")
+    assert info["mode"] == "adapter" and all(v == {"group_size": 8, "trainable_projection": True}
+                                             for v in info["layers"].values())
+    config = json.loads((tmp_path / "x" / "adapter" / "adapter_config.json").read_text())
+    assert config["fan_in_fan_out"] is True  # GPT-2 Conv1D
+    rebuilt = load_exported(tmp_path / "x", tmp_path / "x" / "adapter")
     torch.testing.assert_close(_logits(rebuilt), _logits(model), rtol=1e-6, atol=1e-6)

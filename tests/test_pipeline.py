@@ -65,33 +65,171 @@ def test_an_out_dir_of_another_run_is_refused(tiny_run: Path, capsys) -> None:
     assert "different run" in capsys.readouterr().err
 
 
-def test_exported_checkpoint_reproduces_the_perplexity_in_a_fresh_process(tiny_run: Path) -> None:
-    """Stock transformers, no project code: same WikiText-2 perplexity as the pipeline's."""
+# A fresh interpreter that cannot import project code: the editable install's finder is
+# dropped, no sys.path entry holds ast_core/tasks/flows, and any import of them fails.
+_NO_PROJECT = """
+import importlib.abc, os, sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()
+                    and "editable" not in repr(f).lower()]
+sys.path[:] = [p for p in sys.path if "__editable__" not in p and not any(os.path.isdir(os.path.join(p or ".", pkg, "")) and
+               os.path.isfile(os.path.join(p or ".", pkg, "__init__.py")) for pkg in ("ast_core", "tasks", "flows"))]
+class _Refuse(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ast_core", "tasks", "flows"):
+            raise ImportError(f"project code imported in the stock-tools process: {name}")
+sys.meta_path.insert(0, _Refuse())
+"""
+
+
+def _stock_python(code: str, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": os.environ.get("HOME", "/tmp"),
+           "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "TOKENIZERS_PARALLELISM": "false",
+           "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME", "")}
+    return subprocess.run([sys.executable, "-c", _NO_PROJECT + code], cwd=cwd, capture_output=True, text=True,
+                          env={k: v for k, v in env.items() if v}, timeout=timeout)
+
+
+def test_stock_transformers_and_peft_load_generate_and_reproduce_the_perplexity(tiny_run: Path, tmp_path: Path) -> None:
+    """A user's process (transformers + peft, no project code): same WikiText-2 ppl as metrics.json."""
+    from tests.conftest import SHARED_DATA
     m = json.loads((tiny_run / "metrics.json").read_text())
-    script = f"""
-import json, math, torch
-from transformers import AutoModelForCausalLM
-from ast_core.data import wikitext2_eval_text
-from ast_core.models import load_tokenizer
-model = AutoModelForCausalLM.from_pretrained({str(tiny_run / 'export' / 'hf')!r}).eval()
+    hf = tiny_run / "export" / "hf"
+    assert m["evaluated"] == "export/hf + export/hf/adapter" and m["export_check"]["ok"]
+    code = f"""
+import json, math, torch, torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftModel
+try:
+    import ast_core
+    raise SystemExit("ast_core importable")
+except ImportError:
+    pass
+hf, raw = {str(hf)!r}, {str(SHARED_DATA / "wikitext-2-raw-v1" / "wiki.test.raw")!r}
+tok = AutoTokenizer.from_pretrained(hf)
+rows = [l if l.strip() else "" for l in open(raw, encoding="utf-8").read().split("\\n")[:-1]]
+ids = tok("\\n\\n".join(r + "\\n" if r else "" for r in rows), return_tensors="pt")["input_ids"][0]
+
+def ppl(model, L={m["ppl_seq_len"]}, n={m["ppl_windows"]}):
+    w = ids[: n * L].view(n, L)
+    with torch.no_grad():
+        logits = model(input_ids=w).logits
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1))
+    return math.exp(nll.item())
+
+base = AutoModelForCausalLM.from_pretrained(hf).eval()
+out = {{"base": ppl(base)}}
+model = PeftModel.from_pretrained(base, hf + "/adapter").eval()
+out["boosted"] = ppl(model)
+gen = model.generate(**tok("The history of", return_tensors="pt"), max_new_tokens=5, do_sample=False)
+out["new_tokens"] = int(gen.shape[1]) - len(tok("The history of")["input_ids"])
+print(json.dumps(out))
 """
-    # SLoRB is not foldable into 2:4: the stock load is the 2:4 model without it, so compare
-    # through the project loader for the boosted model and the stock load for its 2:4 base.
-    code = script + f"""
-from ast_core.export import load_with_slorb
-from ast_core.perplexity import wikitext2_perplexity
-tok = load_tokenizer('tiny:llama')
-boosted = load_with_slorb({str(tiny_run / 'export' / 'hf')!r})
-print(json.dumps({{'boosted': wikitext2_perplexity(boosted, tok, seq_len=128, max_windows=4).ppl,
-                  'stock': wikitext2_perplexity(model, tok, seq_len=128, max_windows=4).ppl}}))
-"""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO,
-                         timeout=300)
-    assert res.returncode == 0, res.stderr[-2000:]
+    res = _stock_python(code, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
-    assert got["boosted"] == pytest.approx(m["ppl_wikitext2"], rel=1e-4)
-    assert got["stock"] != pytest.approx(m["ppl_wikitext2"], rel=1e-4)  # the side branch matters
+    assert got["new_tokens"] == 5
+    assert got["boosted"] == pytest.approx(m["ppl_wikitext2"], rel=1e-5)
+    assert got["boosted"] == pytest.approx(m["ppl_wikitext2_trained"], rel=m["export_check"]["ppl_rtol"])
+    assert got["base"] == pytest.approx(m["ppl_wikitext2_base_only"], rel=1e-5)
+    assert got["base"] != pytest.approx(got["boosted"], rel=1e-3)  # the adapter is the SLoRB branch
+
+
+def test_stock_lm_eval_cli_with_peft_reproduces_the_sparse_zero_shot(tiny_run: Path, tmp_path: Path,
+                                                                    capsys) -> None:
+    """`lm_eval --model hf --model_args pretrained=<export>,peft=<adapter> --include_path <tasks-path>`."""
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    assert main(["tasks-path", "--tasks", ",".join(m["zero_shot"])]) == 0
+    include = capsys.readouterr().out.strip().splitlines()[-1]
+    assert Path(include, "piqa.yaml").is_file()
+    hf = tiny_run / "export" / "hf"
+    cfg = __import__("yaml").safe_load(Path(TINY).read_text())["evaluate"]["zero_shot"]
+    argv = ["lm_eval", "--model", "hf", "--model_args", f"pretrained={hf},peft={hf / 'adapter'}",
+            "--include_path", include, "--tasks", ",".join(m["zero_shot"]), "--num_fewshot", "0",
+            "--limit", str(cfg["limit"]), "--batch_size", "8", "--device", "cpu",
+            "--output_path", str(tmp_path / "out")]
+    code = f"""
+import sys
+sys.argv = {argv!r}
+from lm_eval.__main__ import cli_evaluate
+cli_evaluate()
+"""
+    res = _stock_python(code, tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert results["config"]["model_args"] == {"pretrained": str(hf), "peft": str(hf / "adapter")}
+    got = {t: results["results"][t]["acc,none"] for t in m["zero_shot"]}
+    assert got == m["zero_shot"] == m["zero_shot_trained"]
+    assert {t: results["n-samples"][t]["effective"] for t in got} == m["zero_shot_docs"]
+
+
+def test_evaluate_model_cli_scores_the_export_on_the_same_windows(tiny_run: Path, tmp_path: Path) -> None:
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    hf = tiny_run / "export" / "hf"
+    out = tmp_path / "scores.json"
+    assert main(["evaluate-model", str(hf), "--adapter", str(hf / "adapter"), "--params", TINY,
+                 "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert got["ppl_wikitext2"] == pytest.approx(m["ppl_wikitext2"], rel=1e-9)
+    assert got["zero_shot"] == m["zero_shot"] and got["ppl_windows"] == m["ppl_windows"]
+    assert main(["evaluate-model", str(hf), "--params", TINY, "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["ppl_wikitext2"] == pytest.approx(m["ppl_wikitext2_base_only"], rel=1e-9)
+
+
+def test_evaluate_model_refuses_a_mismatched_or_broken_adapter(tiny_run: Path, tmp_path: Path, capsys) -> None:
+    hf = tiny_run / "export" / "hf"
+    other = tmp_path / "other"
+    subprocess.run(["cp", "-r", str(hf), str(other)], check=True)
+    t = load_file(str(other / "model.safetensors"))
+    name = next(k for k in t if k.endswith("mlp.down_proj.weight"))
+    t[name] = t[name] * 2  # another base with the same shapes (still 2:4)
+    save_file(t, str(other / "model.safetensors"), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["evaluate-model", str(other), "--adapter", str(hf / "adapter"), "--params", TINY]) == 2
+    err = capsys.readouterr().err
+    assert "exported for another base" in err and "Traceback" not in err
+    broken = tmp_path / "broken"
+    subprocess.run(["cp", "-r", str(hf / "adapter"), str(broken)], check=True)
+    cfg = json.loads((broken / "adapter_config.json").read_text())
+    cfg["r"] = cfg["lora_alpha"] = cfg["r"] * 2  # the tensors no longer fit the config
+    (broken / "adapter_config.json").write_text(json.dumps(cfg))
+    assert main(["evaluate-model", str(hf), "--adapter", str(broken), "--params", TINY]) == 2
+    assert "lora_A.weight has shape" in capsys.readouterr().err
+
+
+def test_an_export_that_does_not_score_like_the_trained_model_fails_the_evaluate_stage(
+        tiny_run: Path, tmp_path: Path, capsys) -> None:
+    """A tampered adapter (S scaled): evaluate writes both numbers to metrics.json and exits 2."""
+    run = tmp_path / "run"
+    subprocess.run(["cp", "-r", str(tiny_run), str(run)], check=True)
+    (run / "evaluate" / "done.json").unlink()
+    f = run / "export" / "hf" / "adapter" / "adapter_model.safetensors"
+    t = load_file(str(f))
+    for k in t:
+        if k.endswith("lora_B.weight"):
+            t[k] = t[k] * 1.5
+    save_file(t, str(f), metadata={"format": "pt"})
+    capsys.readouterr()
+    assert main(["stage", "evaluate", "--params", TINY, "--out", str(run), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "does not score what the trained model scored" in err and "Traceback" not in err
+    m = json.loads((run / "metrics.json").read_text())
+    assert not m["export_check"]["ok"] and m["ppl_wikitext2"] != m["ppl_wikitext2_trained"]
+    assert not (run / "evaluate" / "done.json").exists()
+
+
+def test_export_readme_is_a_model_card_with_the_measured_numbers(tiny_run: Path) -> None:
+    import yaml
+    m = json.loads((tiny_run / "metrics.json").read_text())
+    card = (tiny_run / "export" / "hf" / "README.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["library_name"] == "peft" and {"sparsity", "2:4"} <= set(front["tags"])
+    assert "base_model" not in front  # tiny:llama is a random model, not a hub model
+    assert f"{m['ppl_wikitext2']:.2f}" in card and f"{m['ppl_wikitext2_base_only']:.2f}" in card
+    assert f"{m['tokens_trained']:,}" in card and f"{m['ppl_windows']} windows × {m['ppl_seq_len']} tokens" in card
+    assert 'PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("PATH"), "PATH/adapter")' in card
+    assert "peft=PATH/adapter" in card and "--include_path" in card
 
 
 @pytest.mark.parametrize("args, needle", [

@@ -68,7 +68,10 @@ def test_a_pipeline_run_is_one_parent_with_a_nested_run_per_stage(tracked: Simpl
     assert set(tracked.children) == set(STAGES)
     assert {r.info.status for r in tracked.child_runs} == {"FINISHED"}
     assert tracked.client.get_run(pid).info.status == "FINISHED"
-    assert tracked.client.get_experiment(tracked.parent.info.experiment_id).name == "tiny"
+    exp = tracked.client.get_experiment(tracked.parent.info.experiment_id)
+    assert exp.name == "tiny"
+    # MLflow 3 opens an experiment without a kind on its GenAI overview; this kind opens the runs table
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     record = json.loads((tracked.out / "mlflow_run.json").read_text())
     assert record["run_id"] == pid and record["tracking_uri"] == tracked.uri
 
@@ -105,6 +108,9 @@ def test_final_metrics_and_stage_wall_times_reach_the_parent(tracked: SimpleName
     assert m["ppl_wikitext2"] == pytest.approx(metrics["ppl_wikitext2"])
     assert m["ppl_wikitext2_dense"] == pytest.approx(metrics["ppl_wikitext2_dense"])
     assert m["zero_shot/boolq"] == pytest.approx(metrics["zero_shot"]["boolq"]) and "zero_shot/piqa" in m
+    assert m["ppl_wikitext2_trained"] == pytest.approx(metrics["ppl_wikitext2_trained"])
+    assert m["ppl_wikitext2_base_only"] == pytest.approx(metrics["ppl_wikitext2_base_only"])
+    assert m["export_ppl_rel_diff"] <= metrics["export_check"]["ppl_rtol"]
     assert m["tokens_trained"] == 20 * 4 * 64
     assert m["flip_rate_final"] == pytest.approx(metrics["flip_rate_final"])
     assert 0.5 < m["compressed_ratio"] < 0.57
@@ -144,7 +150,8 @@ def test_plots_and_reports_are_logged_and_written_to_the_run_dir(tracked: Simple
     top = {a.path for a in client.list_artifacts(pid)}
     assert {"metrics.json", "metrics.md"} <= top
     assert {a.path for a in client.list_artifacts(pid, "compile")} >= {"compile/report.json"}
-    assert {a.path for a in client.list_artifacts(pid, "export/hf")} == {"export/hf/sparsity.json"}
+    assert {a.path for a in client.list_artifacts(pid, "export/hf")} == {"export/hf/sparsity.json",
+                                                                         "export/hf/README.md"}
     train_plots = {Path(a.path).name for a in client.list_artifacts(tracked.children["train"].info.run_id, "plots")}
     assert train_plots == {"train_loss.png", "train_flip_rate.png", "train_schedule.png", "train_val_ppl.png"}
     val = client.get_metric_history(tracked.children["train"].info.run_id, "val_ppl")
@@ -232,3 +239,16 @@ def test_stage_calls_join_the_recorded_parent_of_the_same_config(tmp_path: Path,
     second = json.loads((out / "mlflow_run.json").read_text())["run_id"]
     assert second != first and len(_children(tracking_env, second)) == 1
     assert len(_client(tracking_env).get_run(second).data.params["sparsity.exclude"]) == 6000
+
+
+def test_experiments_are_tagged_as_model_training_and_a_users_kind_is_kept(tracking_env: str) -> None:
+    from tasks.tracking import _experiment
+    client = _client(tracking_env)
+    old = client.create_experiment("made-before-the-tag")  # as earlier versions left them
+    mine = client.create_experiment("genai-by-choice", tags={"mlflow.experimentKind": "genai_development"})
+    assert _experiment(client, "made-before-the-tag", tracking_env) == old
+    assert client.get_experiment(old).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert _experiment(client, "genai-by-choice", tracking_env) == mine
+    assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
+    new = _experiment(client, "fresh", tracking_env)
+    assert client.get_experiment(new).tags["mlflow.experimentKind"] == "custom_model_development"
