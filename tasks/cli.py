@@ -113,8 +113,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     ctx = RunContext.create(cfg, args.out, resume=args.resume, progress=not args.no_progress)
     if args.command == "run":
         metrics = run_all(ctx, params_file=args.params)
-        print(f"done: {ctx.out / 'metrics.json'} (ppl {metrics['ppl_wikitext2']:.2f} sparse, "
-              f"{metrics['ppl_wikitext2_dense']:.2f} dense)")
+        ci = metrics.get("ppl_wikitext2_ci95")
+        print(f"done: {ctx.out / 'metrics.json'} (WikiText-2 ppl {metrics['ppl_wikitext2']:.2f}"
+              f"{f' [{ci[0]:.2f}, {ci[1]:.2f}]' if ci else ''} sparse, {metrics['ppl_wikitext2_dense']:.2f} dense, "
+              f"on {metrics['ppl_windows']}×{metrics['ppl_seq_len']} test tokens"
+              f"{'' if cfg.evaluate.max_windows is None else ', a slice of the split'})")
     else:
         ctx.out.mkdir(parents=True, exist_ok=True)  # stages follow their inputs (DVC re-runs them)
         run_stage(ctx, args.stage, params_file=args.params)
