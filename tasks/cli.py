@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", default=None, help="run directory (default artifacts/<name>/)")
         sp.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--wait", action="store_true",
+                        help="if another process is writing the run directory, wait for it instead of exiting 2")
 
     common(sub.add_parser("run", help="all five stages"))
     st = sub.add_parser("stage", help="one stage")
@@ -39,6 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("path", help="DIR/export/hf")
     v.add_argument("--n", type=int, default=2)
     v.add_argument("--m", type=int, default=4)
+    vr = sub.add_parser("verify-run", help="check every recorded checksum in a run directory (exit 2 on a mismatch)")
+    vr.add_argument("path", help="the run directory (--out)")
+    lr = sub.add_parser("log-run", help="log a finished run directory to MLflow after the fact")
+    lr.add_argument("path", help="the run directory (--out)")
+    lr.add_argument("--params", default=None, help="the params file it ran with (recorded as a tag)")
     return p
 
 
@@ -52,13 +59,14 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
     from ast_core.sparse import SparsityError
     from ast_core.teacher_cache import CacheMismatch
     from ast_core.distributed import DistributedError
+    from ast_core.integrity import IntegrityError
     from ast_core.train import TrainingDiverged
 
     from .common import StageError
     from .config import ConfigError
     return (ConfigError, StageError, ModelSpecError, DataSourceError, SparsityError, CacheMismatch,
             CheckpointError, TrainingDiverged, SLoRBError, ExportError, CompressionError, DistributedError,
-            FileNotFoundError, PermissionError, OSError)
+            IntegrityError, FileNotFoundError, PermissionError, OSError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +91,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         report = verify_hf_dir(Path(args.path), args.n, args.m)
         print(report)
         return 0 if report.ok else 1
+    if args.command == "verify-run":
+        from .verify_run import verify_run
+        report = verify_run(Path(args.path))
+        print(report.text())
+        return 0 if report.ok else 2
+    if args.command == "log-run":
+        from .tracking import log_run_dir
+        run_id = log_run_dir(Path(args.path), params_file=args.params)
+        print(f"logged {args.path} to MLflow as run {run_id}")
+        return 0
     cfg = load_config(args.params, args.overrides)  # validated before any work
     if args.command == "check":
         import yaml
@@ -101,7 +119,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .common import RunContext, configure_threads
     from .pipeline import run_all, run_stage
     configure_threads()
-    ctx = RunContext.create(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    ctx = RunContext.create(cfg, args.out, resume=args.resume, progress=not args.no_progress, wait=args.wait)
     if args.command == "run":
         metrics = run_all(ctx, params_file=args.params)
         print(f"done: {ctx.out / 'metrics.json'} (ppl {metrics['ppl_wikitext2']:.2f} sparse, "

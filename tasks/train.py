@@ -1,8 +1,8 @@
 """Stage 3, train: AST sparse training (or a one-shot baseline) from the dense weights.
 
 Outputs (``train/``): ``checkpoints/`` (resumable), ``final/model.safetensors``
-(weights + masks + SLoRB), ``final/meta.json`` (how to rebuild the model) and
-``history.jsonl`` (per-step metrics, with CSV views ``history.csv`` and ``flips.csv`` for ``dvc plots``).
+(weights + masks + SLoRB), ``final/meta.json`` (how to rebuild the model, and the
+sha256 of ``model.safetensors``, checked by every reader) and ``history.jsonl`` (per-step metrics, with CSV views ``history.csv`` and ``flips.csv`` for ``dvc plots``).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from ast_core.calibration import collect_act_sq_mean, collect_group_cross
 from ast_core import distributed, sharding
 from ast_core.distributed import DistEnv
 from ast_core.checkpoint import atomic_write_json, atomic_write_text, load_model_tensors, state_dict_tensors
+from ast_core.integrity import sha256_file, verify_file
 from ast_core.masks import magnitude_score, nm_mask, wanda_score
 from ast_core.models import load_model
 from ast_core.oneshot import oneshot_prune
@@ -72,8 +73,10 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
     c = ctx.cfg
     fp = fingerprint(ctx)
     if ctx.is_done("train", fp):
-        log.info("train: up to date")
-        return ctx.done("train")
+        if (why := _damaged(ctx)) is None:
+            log.info("train: up to date")
+            return ctx.done("train")
+        log.warning("train: rebuilding train/final: %s", why)
     out = ctx.stage_dir("train")
     ckpt_dir = out / "checkpoints"
     env = DistEnv.from_env()
@@ -111,7 +114,9 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         teacher = None
         if c.train.uses_kd:
             if cache_teacher.needed(ctx):
-                teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache", _wanted_cache(ctx)))
+                with ctx.checked("cache-teacher"):  # every shard's sha256, once, before training
+                    cache = TeacherCache(ctx.stage_dir("cache-teacher") / "cache", _wanted_cache(ctx))
+                teacher = CachedTeacher(cache)
             else:
                 teacher = OnlineTeacher(cache_teacher.load_teacher(ctx).to(device), want_hidden=c.train.squarehead)
         val = load_blocks(ctx, "val") if c.train.eval_every > 0 else None
@@ -132,6 +137,8 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
                              "continue with --resume")
         atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
         write_plot_tables(out, result.history)
+        if result.fell_back:
+            info["resume_skipped"] = result.fell_back  # damaged newer checkpoints, and why
         info.update(tokens_trained=result.tokens, steps=result.steps, resumed_from=result.resumed_from,
                     flip_rate_final=result.last_flip.rate_prev if result.last_flip else 0.0,
                     flip_rate_init_final=result.last_flip.rate_init if result.last_flip else 0.0)
@@ -184,11 +191,13 @@ def save_final(ctx: RunContext, model: torch.nn.Module | dict[str, torch.Tensor]
     final.mkdir(parents=True, exist_ok=True)
     tmp = final / ".model.safetensors.tmp"
     save_file(model if isinstance(model, dict) else state_dict_tensors(model), str(tmp))
+    digest = sha256_file(tmp)  # just written: read back from the page cache (~0.3 s for SmolLM2-135M)
     tmp.replace(final / "model.safetensors")
     meta = {"student": c.model.student, "dtype": c.model.dtype, "seed": c.seed, "method": c.train.method,
             "n": c.sparsity.n, "m": c.sparsity.m, "exclude": c.sparsity.exclude,
             "slorb_group": c.train.slorb_group if c.train.spec.slorb else None,
-            "slorb_trainable_projection": c.train.slorb_trainable_projection, **info}
+            "slorb_trainable_projection": c.train.slorb_trainable_projection, **info,
+            "sha256": {"model.safetensors": digest}}
     atomic_write_json(final / "meta.json", meta)
 
 
@@ -197,10 +206,29 @@ def load_trained(ctx: RunContext) -> torch.nn.Module:
     ctx.require("train")
     final = ctx.stage_dir("train") / "final"
     meta = json.loads((final / "meta.json").read_text())
-    return load_final(final, meta, ctx.cfg.model.trust_remote_code)
+    with ctx.checked("train"):
+        return load_final(final, meta, ctx.cfg.model.trust_remote_code)
+
+
+def verify_final(final: Path, meta: dict) -> None:
+    """Check ``final/model.safetensors`` against the sha256 in ``meta`` (an older run recorded none)."""
+    digest = (meta.get("sha256") or {}).get("model.safetensors")
+    if digest is not None:
+        verify_file(final / "model.safetensors", digest, "trained model")
+
+
+def _damaged(ctx: RunContext) -> str | None:
+    """Why the finished stage's ``final/`` cannot be used (missing, or a failed checksum), or None."""
+    final = ctx.stage_dir("train") / "final"
+    try:
+        verify_final(final, json.loads((final / "meta.json").read_text()))
+    except (OSError, ValueError) as exc:  # IntegrityError is a ValueError, as is a corrupt meta.json
+        return str(exc)
+    return None
 
 
 def load_final(final: Path, meta: dict, trust_remote_code: bool = False) -> torch.nn.Module:
+    verify_final(final, meta)
     model = load_model(meta["student"], torch_dtype(meta["dtype"]), seed=meta["seed"],
                        trust_remote_code=trust_remote_code)
     if method_spec(meta["method"]).sparse:
