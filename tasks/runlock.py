@@ -77,8 +77,15 @@ def _holder_now(out: Path) -> dict | None:
     return None
 
 
+def _command() -> str:
+    argv = list(sys.argv)
+    if argv and Path(argv[0]).resolve() == Path(__file__).with_name("cli.py"):
+        argv[0:1] = ["python", "-m", "tasks.cli"]  # started with `python -m tasks.cli` (torchrun, tests)
+    return shlex.join(argv)
+
+
 def _write_holder(fd: int, what: str) -> None:
-    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": shlex.join(sys.argv) or what,
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command() or what,
             "what": what, "since": time.strftime("%Y-%m-%d %H:%M:%S %z")}
     data = (json.dumps(info) + "\n").encode()
     os.ftruncate(fd, 0)
