@@ -256,13 +256,13 @@ def load_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"checkpoint {path} is incomplete: {state_file} missing") from None
     except (json.JSONDecodeError, OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
         raise CheckpointError(f"checkpoint file {state_file} is corrupt or truncated: {exc!r}") from None
-    for name in TENSOR_FILES:
+    model, opt_tensors, extra = (_load_tensors(path / name) for name in TENSOR_FILES)  # a truncated file fails here
+    for name in TENSOR_FILES:  # a file that parses but holds other bytes (a flipped bit) fails here
         if name in sums:
             try:
                 verify_file(path / name, sums[name], "checkpoint file")
             except IntegrityError as exc:
                 raise CheckpointError(str(exc)) from None
-    model, opt_tensors, extra = (_load_tensors(path / name) for name in TENSOR_FILES)
     try:
         optimizer = unflatten_optimizer(opt_tensors, opt_meta)
     except (KeyError, ValueError, TypeError) as exc:

@@ -9,10 +9,13 @@ path of the CLI, Prefect and DVC) and by the Prefect flow around the whole run.
 
 - The lock is ``flock(LOCK_EX)`` on ``DIR/run.lock``. The kernel drops it when
   the holder's file is closed, which includes any death, SIGKILL too: a lock is
-  never stale, and nobody needs to delete the file (it stays, empty between runs).
+  never stale. A clean release removes the file; one left by a killed holder
+  is unlocked and simply taken by the next writer. (Removal is safe: a writer
+  that locked a file which was removed meanwhile sees that its inode is no
+  longer ``DIR/run.lock`` and tries again.)
 - The holder writes who it is (pid, host, command, since when) into the lock
   file; a second writer exits 2 naming it, or with ``wait`` blocks until it is
-  free. The description is removed when the lock is released cleanly.
+  free.
 - Re-entrant within a process (``run`` holds it and each stage takes it again),
   including from Prefect's task threads.
 - Under ``torchrun`` only rank 0 takes it; the other ranks are rank 0's helpers.
@@ -92,27 +95,39 @@ def _write_holder(fd: int, what: str) -> None:
     os.pwrite(fd, data, 0)
 
 
+def _is_current(fd: int, path: Path) -> bool:
+    """The locked descriptor is still the file at ``path`` (not one its last holder removed)."""
+    try:
+        return os.fstat(fd).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
+
+
 def _acquire(out: Path, wait: bool, what: str) -> int:
     out.mkdir(parents=True, exist_ok=True)
-    fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
+    path = out / LOCK_FILE
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise
-            holder = describe(_holder_now(out))
-            if not wait:
-                raise RunDirLocked(f"{out} is being written by another process ({holder}); wait for it to "
-                                   "finish (or pass --wait), or choose another --out") from None
-            log.warning("waiting for the other writer of %s to finish: %s", out, holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            log.info("%s is free; continuing", out)
-        _write_holder(fd, what)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise
+                holder = describe(_holder_now(out))
+                if not wait:
+                    raise RunDirLocked(f"{out} is being written by another process ({holder}); wait for it to "
+                                       "finish (or pass --wait), or choose another --out") from None
+                log.warning("waiting for the other writer of %s to finish: %s", out, holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                log.info("%s is free; continuing", out)
+            if _is_current(fd, path):
+                _write_holder(fd, what)
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)  # its holder removed it after we opened it: lock the file now at that path
 
 
 @contextmanager
@@ -138,6 +153,6 @@ def hold(out: Path, *, wait: bool = False, what: str = "ast-pipeline") -> Iterat
                 del _held[out]
         if last:
             try:
-                os.ftruncate(entry[0], 0)  # a clean release leaves an empty lock file
+                (out / LOCK_FILE).unlink(missing_ok=True)  # while still locked: a waiter then sees the change
             finally:
                 os.close(entry[0])  # closing the only descriptor releases the flock
