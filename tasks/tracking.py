@@ -402,8 +402,7 @@ def log_run_dir(out: Path, params_file: str | None = None) -> str:
     except Exception as exc:  # noqa: BLE001 - any client/store failure: say where, and that a retry is safe
         raise StageError(f"MLflow at {uri} is unavailable ({type(exc).__name__}: {exc}); nothing was "
                          f"logged, try `ast-pipeline log-run {out}` again later") from None
-    tracker = MlflowTracker(ctx, client, experiment_id, run.info.run_id, params_ref(params_file or
-                                                                                  (run_json or {}).get("params_file")))
+    tracker = MlflowTracker(ctx, client, experiment_id, run.info.run_id, params_ref(params_file))
     tracker.git_commit = (run_json or {}).get("git_commit")
     tracker.log_params(tracker.parent_id, flat_params(cfg))
     tracker.log_tags(tracker.parent_id, {k: v for k, v in tracker.lineage().items()
@@ -411,9 +410,8 @@ def log_run_dir(out: Path, params_file: str | None = None) -> str:
     status = "FINISHED" if len(stages) == len(STAGES) else "FAILED"  # an unfinished run stays visibly so
     for stage in stages:
         with tracker.stage(stage) as st:
-            assert isinstance(st, MlflowStageRun)
             st.plots = stage_plots(ctx, stage)
-            if st.run_id is not None and not tracker.broken:
+            if isinstance(st, MlflowStageRun) and st.run_id is not None and not tracker.broken:
                 tracker.call(f"reporting the {stage} stage", st._report, stage_result(ctx, stage), late=True)
     tracker.close(status)
     if tracker.broken:
