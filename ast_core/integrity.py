@@ -8,9 +8,9 @@ and its reader checks it before use, once per stage run (a file verified
 once is not hashed again until :func:`forget_verified`, which
 ``tasks.pipeline.run_stage`` calls as each stage starts).
 
-Cost: sha256 runs at about 1.7 GB/s on one core of this machine (SHA-NI), so
-checking SmolLM2-135M's 538 MB float32 weights takes about 0.3 s (measured;
-the number is in the README).
+Cost: sha256 runs at about 1.7 GB/s on one core of the development machine,
+so checking SmolLM2-135M's 538 MB float32 weights takes about 0.3 s (the
+measurement is in the README).
 """
 
 from __future__ import annotations
