@@ -2,7 +2,8 @@
 
 Outputs (``train/``): ``checkpoints/`` (resumable), ``final/model.safetensors``
 (weights + masks + SLoRB), ``final/meta.json`` (how to rebuild the model, and the
-sha256 of ``model.safetensors``, checked by every reader) and ``history.jsonl`` (per-step metrics, with CSV views ``history.csv`` and ``flips.csv`` for ``dvc plots``).
+sha256 of ``model.safetensors``, checked by every reader) and ``history.jsonl``
+(per-step metrics, with CSV views ``history.csv`` and ``flips.csv`` for ``dvc plots``).
 """
 
 from __future__ import annotations
