@@ -6,12 +6,17 @@ A checkpoint is a directory ``step_NNNNNN/`` holding ``model.safetensors``
 hyper-parameters, data position). It is written under a temporary name,
 fsynced and renamed, then ``latest`` is replaced atomically: a reader never
 sees a torn checkpoint, and a crash during a write leaves the previous one.
-Nothing is ever read with pickle (``torch.load``): safetensors and JSON only.
+``state.json`` also records the sha256 of each tensor file (``sha256``), checked
+on load, so a file damaged after it was written is refused by name.
+:func:`load_resumable` walks back from ``latest`` to the newest checkpoint that
+is complete and intact. Nothing is ever read with pickle (``torch.load``):
+safetensors and JSON only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -27,8 +32,11 @@ from safetensors.torch import load_file, save_file
 from . import sharding
 from .atomic import atomic_write_text, fsync_dir, fsync_file
 from .errors import ASTError
+from .integrity import IntegrityError, sha256_file, verify_file
 
 LATEST = "latest"
+TENSOR_FILES = ("model.safetensors", "optim.safetensors", "extra.safetensors")
+log = logging.getLogger("ast_core.checkpoint")
 
 
 class CheckpointError(ASTError, RuntimeError):
@@ -136,10 +144,12 @@ def _write_step_dir(root: Path, final: Path, step: int, model: torch.nn.Module |
             "optim.safetensors": opt_tensors,
             "extra.safetensors": {k: v.detach().contiguous() for k, v in extra.items()},
         }
+        sha256 = {}
         for fname, tensors in files.items():
             save_file(tensors, str(tmp / fname))
             fsync_file(tmp / fname)
-        full_state = dict(state, step=step, optimizer=opt_meta)
+            sha256[fname] = sha256_file(tmp / fname)  # just written: read back from the page cache
+        full_state = dict(state, step=step, optimizer=opt_meta, sha256=sha256)
         with open(tmp / "state.json", "w", encoding="utf-8") as fh:
             json.dump(full_state, fh, indent=2, sort_keys=True)
             fh.flush()
@@ -165,8 +175,17 @@ def _remove_dir(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _step_number(name: str) -> int | None:
+    digits = name.removeprefix("step_")
+    return int(digits) if name.startswith("step_") and digits.isdigit() else None
+
+
 def _prune_old(root: Path, keep: int, current: str) -> None:
-    steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and _step_number(p.name) is not None)
+    now = _step_number(current)
+    for later in [p for p in steps if now is not None and _step_number(p.name) > now]:
+        _remove_dir(later)  # left by a run this one resumed before (a damaged checkpoint it walked back from)
+    steps = [p for p in steps if p.exists()]
     for old in steps[:-keep] if keep > 0 else []:
         if old.name != current:
             _remove_dir(old)
@@ -185,19 +204,70 @@ def latest_checkpoint(root: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path) -> Checkpoint:
-    """Read a checkpoint; a missing, truncated or corrupt file is a :class:`CheckpointError` naming it."""
+    """Read a checkpoint; a missing, truncated or corrupt file is a :class:`CheckpointError` naming it.
+
+    Files whose sha256 ``state.json`` records are checked first (checkpoints written before
+    checksums existed have none and are read as before).
+    """
     path = Path(path)
     state_file = path / "state.json"
     try:
         state = json.loads(state_file.read_text(encoding="utf-8"))
+        sums = state.pop("sha256", None) or {}
+        opt_meta = state.pop("optimizer")
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {state_file} missing") from None
-    except (json.JSONDecodeError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint file {state_file} is corrupt or truncated: {exc}") from None
-    model, opt_tensors, extra = (_load_tensors(path / name) for name in
-                                 ("model.safetensors", "optim.safetensors", "extra.safetensors"))
-    optimizer = unflatten_optimizer(opt_tensors, state.pop("optimizer"))
+    except (json.JSONDecodeError, OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {state_file} is corrupt or truncated: {exc!r}") from None
+    model, opt_tensors, extra = (_load_tensors(path / name) for name in TENSOR_FILES)  # a truncated file fails here
+    for name in TENSOR_FILES:  # a file that parses but holds other bytes (a flipped bit) fails here
+        if name in sums:
+            try:
+                verify_file(path / name, sums[name], "checkpoint file")
+            except IntegrityError as exc:
+                raise CheckpointError(str(exc)) from None
+    try:
+        optimizer = unflatten_optimizer(opt_tensors, opt_meta)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint file {state_file} is corrupt: {exc!r}") from None
     return Checkpoint(path, state, model, optimizer, extra)
+
+
+def load_resumable(root: Path) -> tuple[Checkpoint | None, list[str]]:
+    """The newest complete, intact checkpoint at or before ``latest``, and why newer ones were skipped.
+
+    Returns ``(None, [])`` when there is no ``latest`` (nothing to resume). A
+    ``latest`` whose checkpoint is incomplete, truncated or fails its checksum
+    falls back to the next older ``step_*``; the list says which were skipped
+    and why. No intact checkpoint at all is a :class:`CheckpointError`.
+    """
+    root = Path(root)
+    pointer = root / LATEST
+    if not pointer.exists():
+        return None, []
+    try:
+        named = pointer.read_text().strip()
+    except (OSError, UnicodeDecodeError):
+        named = ""
+    newest = _step_number(named)
+    older = sorted((p for p in root.glob("step_*") if p.is_dir() and (n := _step_number(p.name)) is not None
+                    and (newest is None or n < newest)), key=lambda p: _step_number(p.name), reverse=True)
+    candidates = ([root / named] if newest is not None else []) + older
+    skipped: list[str] = []
+    if newest is None:
+        skipped.append(f"{pointer} names no checkpoint ({named[:40]!r})")
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as exc:
+            skipped.append(str(exc))
+            continue
+        if skipped:
+            log.warning("resume: falling back to %s (step %d): %s", path.name, ckpt.state["step"],
+                        "; ".join(skipped))
+        return ckpt, skipped
+    raise CheckpointError(f"no intact checkpoint to resume from in {root}: {'; '.join(skipped) or 'none'}; "
+                          "run again without --resume to start over")
 
 
 def _load_tensors(file: Path) -> dict[str, torch.Tensor]:

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import DistEnv, barrier, check_masks_agree, mean_across, my_blocks
-from .checkpoint import (latest_checkpoint, load_checkpoint, load_model_tensors, rng_state, state_dict_tensors,
+from .checkpoint import (latest_checkpoint, load_model_tensors, load_resumable, rng_state, state_dict_tensors,
                          save_checkpoint, set_rng_state)
 from .distill import kd_combine, kl_from_targets, kl_full, squarehead_loss
 from .optim import ASTAdamW, ASTSchedule, build_param_groups, masks_for
@@ -166,6 +166,7 @@ class TrainResult:
     last_flip: FlipStats | None
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_from: int | None = None
+    fell_back: list[str] = field(default_factory=list)  # damaged newer checkpoints a resume skipped, and why
 
 
 def causal_ce(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -249,10 +250,12 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     order = BlockOrder(len(blocks), seed)
     initial_masks = snapshot_masks(student)
     start, tokens, resumed_from = 0, 0, None
+    fell_back: list[str] = []
     history: list[dict[str, float]] = []
 
-    if resume and (ckpt_path := latest_checkpoint(checkpoint_dir)) is not None:
-        ckpt = load_checkpoint(ckpt_path)
+    ckpt, skipped = load_resumable(checkpoint_dir) if resume else (None, [])
+    if ckpt is not None:
+        ckpt_path = ckpt.path
         load_model_tensors(student, ckpt.model, str(ckpt_path / "model.safetensors"))
         optimizer.load_state_dict(sharding.shard_optimizer_state(ckpt.optimizer, optimizer) if fsdp
                                   else ckpt.optimizer)
@@ -267,6 +270,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         start, tokens = ckpt.state["step"], ckpt.state["tokens"]
         history = ckpt.state.get("history", [])
         resumed_from = start
+        fell_back = skipped  # newer checkpoints that were damaged, and why
     if wanda_refresh and refresh_scale is None:  # a fresh start (or nothing to resume) must bring them
         raise ValueError("refresh_score 'wanda' needs refresh_scale (the calibration column norms)")
 
@@ -293,7 +297,8 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
         if env.is_main:
             history.append({"step": 0, "tokens": 0, "val_loss": v, "val_ppl": math.exp(min(v, 700.0))})
 
-    last_good = latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None
+    last_good = (ckpt.path if ckpt is not None
+                 else latest_checkpoint(checkpoint_dir) if checkpoint_dir.exists() else None)
     last_flip: FlipStats | None = None
     bar = progress_bar(range(start, cfg.steps), progress and env.is_main, "train", total=cfg.steps,
                        initial=start)
@@ -375,4 +380,4 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
 
     student.eval()
     return TrainResult(steps=min(cfg.steps, start + done_this_call), tokens=tokens, last_flip=last_flip,
-                       history=history, resumed_from=resumed_from)
+                       history=history, resumed_from=resumed_from, fell_back=fell_back)

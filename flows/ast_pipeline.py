@@ -81,12 +81,10 @@ def run_stage_task(ctx: RunContext, stage: str) -> dict:
 
 
 def make_context(params: str, out: str | None = None, overrides: list[str] | None = None,
-                 resume: bool = False) -> RunContext:
-    """Load and validate the config once, before any work, and claim the run directory."""
+                 resume: bool = False, wait: bool = False) -> RunContext:
+    """Load and validate the config once, before any work (the flow claims the directory under its lock)."""
     cfg = load_config(params, overrides)
-    ctx = RunContext.create(cfg, out, resume=resume, progress=False)  # no tqdm bars in Prefect logs
-    ctx.claim()
-    return ctx
+    return RunContext.create(cfg, out, resume=resume, progress=False, wait=wait)  # no tqdm bars in Prefect logs
 
 
 def run_stages(ctx: RunContext, runner: StageRunner, stages: Iterable[str] = STAGES) -> dict:
@@ -103,17 +101,22 @@ def run_stages(ctx: RunContext, runner: StageRunner, stages: Iterable[str] = STA
 
 @flow(name="ast-pipeline", log_prints=True, persist_result=False)
 def ast_pipeline(params: str = "params/tiny.yaml", out: str | None = None,
-                 overrides: list[str] | None = None, resume: bool = False) -> dict:
+                 overrides: list[str] | None = None, resume: bool = False, wait: bool = False) -> dict:
     """prepare -> cache-teacher -> train -> compile -> evaluate for one params file.
 
     ``out`` defaults to ``artifacts/<params name>/``; ``overrides`` are
     ``section.key=value`` strings (the CLI's ``--set``); ``resume`` continues an
-    interrupted training from its last checkpoint.
+    interrupted training from its last checkpoint. The flow holds the run
+    directory's writer lock from start to end (:mod:`tasks.runlock`): a second
+    flow run on the same ``out`` fails naming this one, or with ``wait`` waits.
     """
+    from tasks import runlock
     logging.getLogger("ast_pipeline").setLevel(logging.INFO)  # stage progress reaches the run's logs
     configure_threads()
-    ctx = make_context(params, out, overrides, resume)
-    metrics = run_stages(ctx, run_stage_task)
+    ctx = make_context(params, out, overrides, resume, wait)
+    with runlock.hold(ctx.out, wait=wait, what="prefect flow ast-pipeline"):
+        ctx.claim()
+        metrics = run_stages(ctx, run_stage_task)
     print(f"done: {ctx.out / 'metrics.json'}")
     return metrics
 

@@ -6,6 +6,7 @@ disabled (then training runs the teacher online).
 
 from __future__ import annotations
 
+from ast_core.integrity import IntegrityError
 from ast_core.models import check_same_tokenizer, load_model, load_tokenizer, tokenizer_fingerprint
 from ast_core.teacher_cache import TeacherCache, build_cache, weights_hash
 from ast_core.teacher_cache import fingerprint as cache_fingerprint
@@ -70,7 +71,9 @@ def run(ctx: RunContext) -> dict:
     try:
         cache = TeacherCache(root, fp)
         log.info("cache-teacher: up to date (%s)", root)
-    except (FileNotFoundError, ValueError):
+    except (FileNotFoundError, ValueError) as exc:
+        if isinstance(exc, IntegrityError):
+            log.warning("cache-teacher: rebuilding the cache: %s", exc)
         cache = build_cache(root, teacher, load_blocks(ctx, "train"), fp,
                             batch_size=ctx.cfg.teacher_cache.batch_size, progress=ctx.progress)
     info = {"fingerprint_fields": fp, "bytes_per_token": cache.bytes_per_token, "blocks": cache.n_blocks}

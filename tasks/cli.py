@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--out", default=None, help="run directory (default artifacts/<name>/)")
         sp.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
+        sp.add_argument("--wait", action="store_true",
+                        help="if another process is writing the run directory, wait for it instead of exiting 2")
 
     common(sub.add_parser("run", help="all five stages"))
     st = sub.add_parser("stage", help="one stage")
@@ -48,6 +50,11 @@ def _parser() -> argparse.ArgumentParser:
     em.add_argument("--json", default=None, help="also write the scores to this JSON file")
     tp = sub.add_parser("tasks-path", help="print the folder of converted zero-shot tasks for lm_eval --include_path")
     tp.add_argument("--tasks", default=None, help="comma-separated task names (default: every task the mirror has)")
+    vr = sub.add_parser("verify-run", help="check every recorded checksum in a run directory (exit 2 on a mismatch)")
+    vr.add_argument("path", help="the run directory (--out)")
+    lr = sub.add_parser("log-run", help="log a finished run directory to MLflow after the fact")
+    lr.add_argument("path", help="the run directory (--out)")
+    lr.add_argument("--params", default=None, help="the params file it ran with (recorded as a tag)")
     return p
 
 
@@ -88,6 +95,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         except ValueError as err:  # no mirror, or none of the tasks in it
             raise StageError(str(err)) from err
         return 0
+    if args.command == "verify-run":
+        from .verify_run import verify_run
+        report = verify_run(Path(args.path))
+        print(report.text())
+        return 0 if report.ok else 2
+    if args.command == "log-run":
+        from .tracking import log_run_dir
+        run_id = log_run_dir(Path(args.path), params_file=args.params)
+        print(f"logged {args.path} to MLflow as run {run_id}")
+        return 0
     cfg = load_config(args.params, args.overrides)  # validated before any work
     if args.command == "evaluate-model":
         from .evaluate import evaluate_model
@@ -110,7 +127,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .common import RunContext, configure_threads
     from .pipeline import run_all, run_stage
     configure_threads()
-    ctx = RunContext.create(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    ctx = RunContext.create(cfg, args.out, resume=args.resume, progress=not args.no_progress, wait=args.wait)
     if args.command == "run":
         metrics = run_all(ctx, params_file=args.params)
         ci = metrics.get("ppl_wikitext2_ci95")

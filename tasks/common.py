@@ -12,11 +12,13 @@ import hashlib
 import json
 import logging
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from ast_core.atomic import atomic_write_json
+from ast_core.integrity import IntegrityError
 
 from .config import PipelineConfig
 from ast_core.errors import ASTError
@@ -35,6 +37,12 @@ def hash_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def rebuild_command(out: Path, stage: str) -> str:
+    """How to rebuild a stage's outputs: the stage redoes them when one fails its checksum."""
+    resume = " --resume" if stage == "train" else ""  # train/final is rewritten from the last checkpoint
+    return f"ast-pipeline stage {stage} --params ... --out {out}{resume}"
+
+
 @dataclass
 class RunContext:
     """A validated config plus where its artifacts live."""
@@ -42,17 +50,18 @@ class RunContext:
     out: Path
     resume: bool = False
     progress: bool = True
+    wait: bool = False  # wait for another writer of ``out`` to finish instead of refusing (tasks.runlock)
 
     @classmethod
     def create(cls, cfg: PipelineConfig, out: str | Path | None = None, resume: bool = False,
-               progress: bool = True) -> "RunContext":
+               progress: bool = True, wait: bool = False) -> "RunContext":
         if out:
-            return cls(cfg, Path(out).resolve(), resume, progress)  # the user's explicit choice
+            return cls(cfg, Path(out).resolve(), resume, progress, wait)  # the user's explicit choice
         artifacts = (REPO_ROOT / "artifacts").resolve()
         root = (artifacts / cfg.name).resolve()
         if root.parent != artifacts:  # a config value never chooses a directory outside artifacts/
             raise StageError(f"name {cfg.name!r} does not name a directory inside {artifacts}")
-        return cls(cfg, root, resume, progress)
+        return cls(cfg, root, resume, progress, wait)
 
     def stage_dir(self, stage: str) -> Path:
         return self.out / stage.replace("-", "_")
@@ -75,6 +84,17 @@ class RunContext:
                              f"(ast-pipeline stage {stage} --params ... --out {self.out})")
         return d
 
+    def rebuild_command(self, stage: str) -> str:
+        return rebuild_command(self.out, stage)
+
+    @contextmanager
+    def checked(self, stage: str) -> Iterator[None]:
+        """Reading ``stage``'s outputs: a checksum mismatch also says how to rebuild them."""
+        try:
+            yield
+        except IntegrityError as exc:
+            raise IntegrityError(f"{exc}; rebuild it with `{self.rebuild_command(stage)}`", exc.path) from None
+
     def claim(self) -> None:
         """Refuse an --out that holds a different run's artifacts (unless --resume of the same)."""
         marker = self.out / "run.json"
@@ -88,7 +108,8 @@ class RunContext:
                     f"{theirs.get('config_hash')}, this run {mine['config_hash']}); choose another --out or "
                     "delete that directory")
         self.out.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(marker, {**mine, "config": self.cfg.model_dump(mode="json")})
+        from .run_record import git_commit  # lazy: run_record imports this module
+        atomic_write_json(marker, {**mine, "config": self.cfg.model_dump(mode="json"), "git_commit": git_commit()})
 
 
 def torch_dtype(name: str):

@@ -29,7 +29,8 @@ def run(ctx: RunContext) -> dict:
         return ctx.done("compile")
     c = ctx.cfg
     ctx.require("train")
-    model = load_trained(ctx.stage_dir("train") / "final", ctx.cfg.model.trust_remote_code)
+    with ctx.checked("train"):
+        model = load_trained(ctx.stage_dir("train") / "final", ctx.cfg.model.trust_remote_code)
     out = ctx.stage_dir("compile")
     export_root = ctx.out / "export"
     info: dict = {"sparse_layers": sum(1 for _ in sparse_layers(model))}

@@ -153,7 +153,8 @@ def run(ctx: RunContext) -> dict:
     c = ctx.cfg
     tok = load_tokenizer(c.model.student, c.model.trust_remote_code)
     ctx.require("train")
-    model = load_trained(ctx.stage_dir("train") / "final", c.model.trust_remote_code)
+    with ctx.checked("train"):
+        model = load_trained(ctx.stage_dir("train") / "final", c.model.trust_remote_code)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
     trained = _measure(ctx, model, tok)
     del model

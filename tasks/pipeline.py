@@ -1,7 +1,9 @@
 """The five stages in order: the one code path the CLI, Prefect and DVC all use.
 
 Every stage runs inside an MLflow stage run nested in a pipeline run
-(:mod:`tasks.tracking`; ``AST_TRACKING=off`` disables it).
+(:mod:`tasks.tracking`; ``AST_TRACKING=off`` disables it), while this process
+holds the run directory's writer lock (:mod:`tasks.runlock`), and checks the
+checksums of what it reads once per stage run (:mod:`ast_core.integrity`).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from . import cache_teacher, compile, evaluate, prepare, train, tracking
+from ast_core.integrity import forget_verified
+
+from . import cache_teacher, compile, evaluate, prepare, runlock, train, tracking
 from .common import RunContext, log
 
 STAGE_FUNCS: dict[str, Callable[[RunContext], dict]] = {
@@ -24,9 +28,15 @@ STAGE_FUNCS: dict[str, Callable[[RunContext], dict]] = {
 def run_stage(ctx: RunContext, stage: str, *, tracker: tracking.Tracker | None = None,
               params_file: str | None = None) -> dict:
     """Run one stage; without ``tracker`` it joins the parent run recorded in the run directory."""
-    if tracker is None:
-        with tracking.pipeline_run(ctx, reuse=True, params_file=params_file) as own:
-            return run_stage(ctx, stage, tracker=own)
+    with runlock.hold(ctx.out, wait=ctx.wait, what=f"stage {stage}"):
+        if tracker is None:
+            with tracking.pipeline_run(ctx, reuse=True, params_file=params_file) as own:
+                return _run_stage(ctx, stage, own)
+        return _run_stage(ctx, stage, tracker)
+
+
+def _run_stage(ctx: RunContext, stage: str, tracker: tracking.Tracker) -> dict:
+    forget_verified()  # each stage run checks the checksums of what it reads once
     start = time.perf_counter()
     with tracker.stage(stage) as st:
         func = STAGE_FUNCS[stage]
@@ -37,10 +47,11 @@ def run_stage(ctx: RunContext, stage: str, *, tracker: tracking.Tracker | None =
 
 
 def run_all(ctx: RunContext, *, params_file: str | None = None) -> dict:
-    """All five stages under one new parent run."""
-    ctx.claim()
-    result: dict = {}
-    with tracking.pipeline_run(ctx, reuse=False, params_file=params_file) as tracker:
-        for stage in STAGE_FUNCS:
-            result = run_stage(ctx, stage, tracker=tracker)
+    """All five stages under one new parent run, holding the run directory's lock throughout."""
+    with runlock.hold(ctx.out, wait=ctx.wait, what="run"):
+        ctx.claim()
+        result: dict = {}
+        with tracking.pipeline_run(ctx, reuse=False, params_file=params_file) as tracker:
+            for stage in STAGE_FUNCS:
+                result = run_stage(ctx, stage, tracker=tracker)
     return result

@@ -2,17 +2,20 @@
 
 Outputs (``prepare/``): ``train.npy``, ``val.npy``, ``calib.npy`` (uint16/uint32
 [blocks, seq_len], memory-mappable) and ``manifest.json`` (source, sha256 of
-the inputs, tokenizer, counts). Same inputs give the same bytes.
+the inputs, tokenizer, counts, and the sha256 of each ``.npy``, hashed while it is
+written). Same inputs give the same bytes. Readers (:func:`load_blocks`) check the
+sha256 once per stage run; a block file that fails it is refused by name, and
+this stage rebuilds it.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
 
 from ast_core.atomic import atomic_write_json
+from ast_core.integrity import HashingWriter, IntegrityError, verify_file
 from ast_core.data import describe_source, load_texts, split_blocks, tokenize_blocks
 from ast_core.models import load_tokenizer, tokenizer_fingerprint
 
@@ -24,19 +27,36 @@ def fingerprint(ctx: RunContext) -> str:
                       "tokenizer": ctx.cfg.model.student})
 
 
+SPLITS = ("train", "val", "calib")
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> str:
+    """Write ``arr`` as .npy (temp name, then rename); returns the sha256 of the bytes written."""
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as fh:
-        np.save(fh, arr)
+        writer = HashingWriter(fh)
+        np.save(writer, arr)  # np.save streams through writer.write: hashed while written
     tmp.replace(path)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return writer.hexdigest()
+
+
+def _damaged(ctx: RunContext) -> str | None:
+    """Why the finished stage's block files cannot be used (a failed checksum), or None."""
+    try:
+        for split in SPLITS:
+            load_blocks(ctx, split)
+    except IntegrityError as exc:
+        return str(exc)
+    return None
 
 
 def run(ctx: RunContext) -> dict:
     fp = fingerprint(ctx)
     if ctx.is_done("prepare", fp):
-        log.info("prepare: up to date")
-        return ctx.done("prepare")["manifest"]
+        if (why := _damaged(ctx)) is None:
+            log.info("prepare: up to date")
+            return ctx.done("prepare")["manifest"]
+        log.warning("prepare: rebuilding the token blocks: %s", why)
     d, cfg = ctx.cfg.data, ctx.cfg
     tok = load_tokenizer(cfg.model.student, trust_remote_code=cfg.model.trust_remote_code)
     texts = load_texts(d.source, d.split, max_docs=d.max_docs)
@@ -70,5 +90,10 @@ def run(ctx: RunContext) -> dict:
 
 
 def load_blocks(ctx: RunContext, split: str) -> np.ndarray:
-    ctx.require("prepare")
-    return np.load(ctx.stage_dir("prepare") / f"{split}.npy", mmap_mode="r")
+    """One split's token blocks (memory-mapped), after checking their sha256 against the manifest."""
+    path = ctx.stage_dir("prepare") / f"{split}.npy"
+    digest = ctx.require("prepare")["manifest"].get("sha256", {}).get(split)
+    if digest is not None:  # every manifest this project wrote has it
+        with ctx.checked("prepare"):
+            verify_file(path, digest, "token blocks")
+    return np.load(path, mmap_mode="r")

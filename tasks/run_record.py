@@ -133,6 +133,23 @@ def stage_files(ctx: RunContext, stage: str) -> list[Path]:
     return [ctx.out / r for r in rel if (ctx.out / r).is_file()]
 
 
+def stage_result(ctx: RunContext, stage: str) -> dict:
+    """What a finished stage returned, read back from its ``done.json`` (for logging a run afterwards)."""
+    done = ctx.done(stage) or {}
+    if stage == "prepare":
+        return done.get("manifest", {})
+    if stage == "evaluate":
+        return done.get("metrics", {})
+    return done
+
+
+def stage_plots(ctx: RunContext, stage: str) -> list[Path]:
+    """The plots :func:`write_plots` wrote for ``stage`` that are on disk."""
+    from .plots import EVAL_PLOTS, TRAIN_PLOTS, VAL_PLOT
+    names = {"train": (*TRAIN_PLOTS, VAL_PLOT), "evaluate": EVAL_PLOTS}.get(stage, ())
+    return [p for name in names if (p := ctx.out / "plots" / name).is_file()]
+
+
 def write_plots(ctx: RunContext, stage: str) -> list[Path]:
     """``DIR/plots/*.png`` after train and evaluate; a plotting error is a warning, never a failed stage."""
     from . import plots

@@ -28,7 +28,9 @@ URI). Browse with::
 
 ``AST_TRACKING=off`` disables tracking (mlflow is then never imported). A
 tracking failure never costs work: it logs one warning and the pipeline goes
-on untracked. MLflow's own usage telemetry is off unless the user set
+on untracked; ``ast-pipeline log-run DIR`` (:func:`log_run_dir`) later logs the
+finished run directory (params, metrics, per-step histories, plots, lineage)
+from its files, so an outage costs nothing but time. MLflow's own usage telemetry is off unless the user set
 ``MLFLOW_DISABLE_TELEMETRY`` (the pipeline is meant to run offline).
 """
 
@@ -42,9 +44,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from .common import REPO_ROOT, RunContext
+from .common import REPO_ROOT, STAGES, RunContext, StageError
 from .run_record import (config_hash, flat_params, lineage_tags, params_ref, stage_files, stage_metrics,
-                         write_plots)
+                         stage_plots, stage_result, write_plots)
 
 if TYPE_CHECKING:
     from ast_core.train import StepLog
@@ -191,17 +193,18 @@ class MlflowStageRun(StageRun):
         except Exception as exc:  # noqa: BLE001 - tracking must never fail a finished stage
             self.tracker.fail(f"reporting the {self.stage} stage", exc)
 
-    def _report(self, result: dict) -> None:
+    def _report(self, result: dict, late: bool = False) -> None:
+        """``late``: logged from the run directory afterwards (:func:`log_run_dir`): no wall time is known."""
         wall = time.perf_counter() - self.start
         t = self.tracker
         if self.stage == "train":
             t.call("reading the training history", self._backfill_history)
         self.flush()
-        metrics = {**stage_metrics(self.ctx, self.stage, result), "wall_time_s": wall}
+        metrics = {**stage_metrics(self.ctx, self.stage, result), **({} if late else {"wall_time_s": wall})}
         t.log_metrics(self.run_id, metrics)
         t.log_metrics(t.parent_id, {(f"wall_time_s/{self.stage}" if k == "wall_time_s" else k): v
                                     for k, v in metrics.items()})
-        tags = {**lineage_tags(self.ctx, t.params_file), "ast.skipped": str(self.skipped).lower()}
+        tags = {**t.lineage(), **({} if late else {"ast.skipped": str(self.skipped).lower()})}
         t.log_tags(self.run_id, tags)
         t.log_tags(t.parent_id, {k: v for k, v in tags.items() if k != "ast.skipped"})
         for path in [*stage_files(self.ctx, self.stage), *self.plots]:
@@ -218,11 +221,18 @@ class MlflowTracker(Tracker):
         self.client, self.experiment_id, self.parent_id = client, experiment_id, parent_id
         self.params_file = params_file
         self.broken = False
+        self.git_commit: str | None = None  # log_run_dir: the commit the run recorded, not today's
+
+    def lineage(self) -> dict[str, str]:
+        tags = lineage_tags(self.ctx, self.params_file)
+        if self.git_commit is not None:
+            tags["git_commit"] = tags["mlflow.source.git.commit"] = self.git_commit
+        return tags
 
     def fail(self, what: str, exc: BaseException) -> None:
         if not self.broken:
-            log.warning("tracking: %s failed (%s: %s); continuing without MLflow for this run",
-                        what, type(exc).__name__, exc)
+            log.warning("tracking: %s failed (%s: %s); continuing without MLflow for this run (log it "
+                        "later with `ast-pipeline log-run %s`)", what, type(exc).__name__, exc, self.ctx.out)
         self.broken = True
 
     def call(self, what: str, fn: Any, *args: Any, force: bool = False, **kwargs: Any) -> Any:
@@ -259,7 +269,7 @@ class MlflowTracker(Tracker):
 
     def _stage_run(self, stage: str) -> StageRun:
         def start() -> str:
-            tags = {PARENT_TAG: self.parent_id, "ast.stage": stage, **lineage_tags(self.ctx, self.params_file)}
+            tags = {PARENT_TAG: self.parent_id, "ast.stage": stage, **self.lineage()}
             return self.client.create_run(self.experiment_id, tags=tags, run_name=stage).info.run_id
         return MlflowStageRun(self, stage, self.call(f"starting the {stage} run", start))
 
@@ -353,7 +363,68 @@ def pipeline_run(ctx: RunContext, *, reuse: bool, params_file: str | None = None
         try:
             tracker = _open(ctx, reuse, params_file)
         except Exception as exc:  # noqa: BLE001 - tracking must never lose work
-            log.warning("tracking: MLflow unavailable at %s (%s: %s); running untracked "
-                        "(set %s=off to silence this)", tracking_uri(), type(exc).__name__, exc, ENV_SWITCH)
+            log.warning("tracking: MLflow unavailable at %s (%s: %s); running untracked: log it later with "
+                        "`ast-pipeline log-run %s` (set %s=off to silence this)", tracking_uri(),
+                        type(exc).__name__, exc, ctx.out, ENV_SWITCH)
     with _finish_with_status(tracker.close):
         yield tracker
+
+
+def log_run_dir(out: Path, params_file: str | None = None) -> str:
+    """Log a run directory to MLflow after the fact; returns the new parent run's id.
+
+    What a live run logs, read back from the directory: the validated config
+    (``run.json``, or ``params_file`` for a run of single stages that wrote
+    none) as params, each finished stage as a nested run with its metrics,
+    files and plots, the training history as per-step metrics, and the lineage
+    tags (the git commit ``run.json`` recorded; none when it recorded none).
+    A reader: it takes no lock and writes nothing into the directory. A new
+    parent run each time (tagged ``ast.logged_late``); a failure exits 2 and can
+    simply be retried.
+    """
+    from .config import load_config, parse_config
+    out = Path(out).resolve()
+    record = out / "run.json"
+    try:
+        run_json = json.loads(record.read_text()) if record.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise StageError(f"{record} is unreadable: {exc}") from None
+    if run_json is not None and "config" in run_json:
+        cfg = parse_config(run_json["config"], str(record))
+    elif params_file:
+        cfg = load_config(params_file)
+    else:
+        raise StageError(f"{out} holds no run.json (single stages, e.g. from DVC, write none): pass "
+                         "--params params/NAME.yaml, the params it ran with")
+    ctx = RunContext.create(cfg, out)
+    stages = [s for s in STAGES if ctx.done(s) is not None]
+    if not stages:
+        raise StageError(f"{out} holds no finished stage (no */done.json): nothing to log")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    from mlflow.tracking import MlflowClient
+    uri = tracking_uri()
+    try:
+        client = MlflowClient(tracking_uri=uri)
+        experiment_id = _experiment(client, cfg.name, uri)
+        run = client.create_run(experiment_id, run_name=f"{cfg.name}-{cfg.train.method}-{config_hash(cfg)[:6]}",
+                                tags={"ast.kind": "pipeline", "ast.logged_late": "true"})
+    except Exception as exc:  # noqa: BLE001 - any client/store failure: say where, and that a retry is safe
+        raise StageError(f"MLflow at {uri} is unavailable ({type(exc).__name__}: {exc}); nothing was "
+                         f"logged, try `ast-pipeline log-run {out}` again later") from None
+    tracker = MlflowTracker(ctx, client, experiment_id, run.info.run_id, params_ref(params_file))
+    tracker.git_commit = (run_json or {}).get("git_commit")
+    tracker.log_params(tracker.parent_id, flat_params(cfg))
+    tracker.log_tags(tracker.parent_id, {k: v for k, v in tracker.lineage().items()
+                                         if tracker.git_commit or k not in ("git_commit", "mlflow.source.git.commit")})
+    status = "FINISHED" if len(stages) == len(STAGES) else "FAILED"  # an unfinished run stays visibly so
+    for stage in stages:
+        with tracker.stage(stage) as st:
+            st.plots = stage_plots(ctx, stage)
+            if isinstance(st, MlflowStageRun) and st.run_id is not None and not tracker.broken:
+                tracker.call(f"reporting the {stage} stage", st._report, stage_result(ctx, stage), late=True)
+    tracker.close(status)
+    if tracker.broken:
+        raise StageError(f"logging {out} to MLflow at {uri} failed part-way (see the warning above); run "
+                         f"`ast-pipeline log-run {out}` again (a new run; delete run {tracker.parent_id})")
+    log.info("tracking: logged %s as MLflow run %s (experiment %r) in %s", out, tracker.parent_id, cfg.name, uri)
+    return tracker.parent_id

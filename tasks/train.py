@@ -1,8 +1,9 @@
 """Stage 3, train: AST sparse training (or a one-shot baseline) from the dense weights.
 
 Outputs (``train/``): ``checkpoints/`` (resumable), ``final/model.safetensors``
-(weights + masks + SLoRB), ``final/meta.json`` (how to rebuild the model) and
-``history.jsonl`` (per-step metrics, with CSV views ``history.csv`` and ``flips.csv`` for ``dvc plots``).
+(weights + masks + SLoRB), ``final/meta.json`` (how to rebuild the model, and the
+sha256 of ``model.safetensors``, checked by every reader) and ``history.jsonl``
+(per-step metrics, with CSV views ``history.csv`` and ``flips.csv`` for ``dvc plots``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from ast_core.distributed import DistEnv
 from ast_core.models import load_model
 from ast_core.recipe import Recipe, prepare_student
 from ast_core.teacher_cache import TeacherCache
-from ast_core.trained import save_trained
+from ast_core.trained import save_trained, verify_trained
 from ast_core.train import CachedTeacher, OnlineTeacher, StepLog, train
 
 from . import cache_teacher
@@ -56,8 +57,10 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
     c = ctx.cfg
     fp = fingerprint(ctx)
     if ctx.is_done("train", fp):
-        log.info("train: up to date")
-        return ctx.done("train")
+        if (why := _damaged(ctx)) is None:
+            log.info("train: up to date")
+            return ctx.done("train")
+        log.warning("train: rebuilding train/final: %s", why)
     out = ctx.stage_dir("train")
     ckpt_dir = out / "checkpoints"
     env = DistEnv.from_env()
@@ -83,8 +86,9 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
         teacher = None
         if spec.distils:
             if cache_teacher.needed(ctx):
-                teacher = CachedTeacher(TeacherCache(ctx.stage_dir("cache-teacher") / "cache",
-                                                     cache_teacher.wanted_cache(ctx)))
+                with ctx.checked("cache-teacher"):  # every shard's sha256, once, before training
+                    cache = TeacherCache(ctx.stage_dir("cache-teacher") / "cache", cache_teacher.wanted_cache(ctx))
+                teacher = CachedTeacher(cache)
             else:
                 teacher = OnlineTeacher(cache_teacher.load_teacher(ctx).to(device), want_hidden=c.train.squarehead)
         val = load_blocks(ctx, "val") if c.train.eval_every > 0 else None
@@ -105,6 +109,8 @@ def run(ctx: RunContext, on_step: Callable[[StepLog], None] | None = None,
                              "continue with --resume")
         atomic_write_text(out / "history.jsonl", "".join(json.dumps(h) + "\n" for h in result.history))
         write_plot_tables(out, result.history)
+        if result.fell_back:
+            info["resume_skipped"] = result.fell_back  # damaged newer checkpoints, and why
         info.update(tokens_trained=result.tokens, steps=result.steps, resumed_from=result.resumed_from,
                     flip_rate_final=result.last_flip.rate_prev if result.last_flip else 0.0,
                     flip_rate_init_final=result.last_flip.rate_init if result.last_flip else 0.0)
@@ -137,3 +143,12 @@ def save_final(ctx: RunContext, model: torch.nn.Module | dict[str, torch.Tensor]
             "slorb_group": c.train.slorb_group if c.train.spec.slorb else None,
             "slorb_trainable_projection": c.train.slorb_trainable_projection, **info}
     save_trained(ctx.stage_dir("train") / "final", model, meta)
+
+
+def _damaged(ctx: RunContext) -> str | None:
+    """Why the finished stage's ``final/`` cannot be used (missing, or a failed checksum), or None."""
+    try:
+        verify_trained(ctx.stage_dir("train") / "final")
+    except (OSError, ValueError) as exc:  # IntegrityError is a ValueError, as is a corrupt meta.json
+        return str(exc)
+    return None

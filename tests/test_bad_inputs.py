@@ -60,12 +60,14 @@ class Case:
 
 # ----------------------------------------------------------------------------- artifact corruptions
 
-def _truncate_latest_checkpoint(run: Path) -> None:
-    """An interrupted training (no done.json, no final/) whose last checkpoint was cut in half."""
+def _truncate_every_checkpoint(run: Path) -> None:
+    """An interrupted training (no done.json, no final/) whose checkpoints were all cut in half
+    (with one intact checkpoint left, --resume falls back to it: tests/test_fault_injection.py)."""
     (run / "train" / "done.json").unlink()
     shutil.rmtree(run / "train" / "final")
-    f = run / "train" / "checkpoints" / "step_000004" / "model.safetensors"
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    for step in ("step_000002", "step_000004"):
+        f = run / "train" / "checkpoints" / step / "model.safetensors"
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
 def _break_export_group(run: Path) -> None:
@@ -81,6 +83,10 @@ def _corrupt_trained_mask(run: Path) -> None:
     tensors = load_file(str(f))
     tensors["model.layers.1.mlp.up_proj.mask"][3, :4] = True
     save_file(tensors, str(f))
+    meta_file = run / "train" / "final" / "meta.json"  # as if training had written it: its checksum fits
+    meta = json.loads(meta_file.read_text())
+    meta["sha256"]["model.safetensors"] = hashlib.sha256(f.read_bytes()).hexdigest()
+    meta_file.write_text(json.dumps(meta))
     shutil.rmtree(run / "compile")
     shutil.rmtree(run / "export")
 
@@ -205,9 +211,10 @@ CASES = [
                  id="model-no-linears-left-to-sparsify", marks=SLOW),
     # --- damaged artifacts
     pytest.param(Case("stage train {small} --params {tiny} --out {run} --resume",
-                      ("step_000004/model.safetensors", "truncated"), keep="{run}",
-                      damage=_truncate_latest_checkpoint, checkpoints=True),
-                 id="artifact-truncated-checkpoint-on-resume", marks=SLOW),
+                      ("no intact checkpoint", "step_000004/model.safetensors", "step_000002/model.safetensors",
+                       "truncated", "without --resume"), keep="{run}",
+                      damage=_truncate_every_checkpoint, checkpoints=True),
+                 id="artifact-every-checkpoint-truncated-on-resume", marks=SLOW),
     pytest.param(Case("verify {run}/export/hf", ("model.layers.0.self_attn.k_proj", "violate 2:4"), rc=1,
                       stream="out", keep="{run}", damage=_break_export_group),
                  id="artifact-export-not-2-4", marks=SLOW),

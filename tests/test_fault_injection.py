@@ -353,3 +353,57 @@ def test_divergence_message_numbers_steps_like_the_history(tmp_path: Path, block
     with pytest.raises(TrainingDiverged, match=r"at step 4;"):
         train(model, blocks, _cfg(**DIVERGE), seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path,
               progress=False, on_step=on_step)
+
+
+# ----------------------------------------------------------------------------- a damaged latest checkpoint
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_byte(path: Path) -> None:
+    """One bit flipped in the middle of the tensor data: safetensors still parses it; only a checksum can tell."""
+    data = bytearray(path.read_bytes())
+    data[len(data) * 2 // 3] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage, file", [(_truncate, "optim.safetensors"), (_flip_byte, "model.safetensors")],
+                         ids=["truncated-optim", "flipped-byte-in-weights"])
+def test_damaged_latest_checkpoint_resumes_from_the_previous_intact_one_bitwise(
+        damage, file, tmp_path: Path, blocks, teacher, caplog) -> None:
+    reference, crashed = tmp_path / "reference", tmp_path / "crashed"
+    cfg = _cfg(steps=4, log_every=1)
+    train(_student(), blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=reference, progress=False)
+    first = train(_student(), blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=crashed,
+                  progress=False, stop_after=3)
+    assert first.steps == 3 and latest_checkpoint(crashed).name == "step_000003"
+    damage(crashed / "step_000003" / file)
+
+    caplog.set_level("WARNING")
+    res = train(_student(), blocks, cfg, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=crashed,
+                resume=True, progress=False)
+    assert res.resumed_from == 2 and res.steps == 4
+    assert len(res.fell_back) == 1 and f"step_000003/{file}" in res.fell_back[0], res.fell_back
+    said = caplog.text
+    assert "falling back to step_000002 (step 2)" in said and f"step_000003/{file}" in said, said
+    a, b = load_checkpoint(reference / "step_000004"), load_checkpoint(crashed / "step_000004")
+    _assert_same_tensors(a.model, b.model, "weights and masks")
+    _assert_same_tensors(a.extra, b.extra, "initial masks and RNG state")
+    for idx in a.optimizer["state"]:
+        for key, va in a.optimizer["state"][idx].items():
+            vb = b.optimizer["state"][idx][key]
+            assert torch.equal(va, vb) if torch.is_tensor(va) else va == vb, f"optimizer {idx}.{key}"
+    assert [h["loss"] for h in a.state["history"]] == [h["loss"] for h in b.state["history"]]
+    assert not (crashed / "step_000003").exists() or load_checkpoint(crashed / "step_000003")  # redone, intact
+
+
+def test_no_intact_checkpoint_at_all_is_one_clear_error(tmp_path: Path, blocks, teacher) -> None:
+    train(_student(), blocks, _cfg(steps=2), seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path,
+          progress=False)
+    for step in ("step_000001", "step_000002"):
+        _flip_byte(tmp_path / step / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"no intact checkpoint to resume from .*step_000002.*step_000001"
+                                              r".*without --resume"):
+        train(_student(), blocks, _cfg(steps=2), seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path,
+              resume=True, progress=False)

@@ -54,6 +54,19 @@ def test_flow_runs_the_five_stages_in_order_on_one_validated_config(tmp_path, mo
     assert claimed["config"]["train"]["steps"] == 7
 
 
+def test_the_flow_holds_the_run_directory_lock_from_first_stage_to_last(tmp_path, monkeypatch) -> None:
+    import os
+
+    from tasks.runlock import LOCK_FILE, read_holder
+    out = tmp_path / "run"
+    holders: list[dict | None] = []
+    monkeypatch.setattr(ap, "run_stage_task", lambda ctx, stage: holders.append(read_holder(out)) or {})
+    ap.ast_pipeline.fn(params=TINY, out=str(out))
+    assert len(holders) == len(STAGES)
+    assert all(h and h["pid"] == os.getpid() and h["what"] == "prefect flow ast-pipeline" for h in holders)
+    assert not (out / LOCK_FILE).exists()  # released when the flow ended
+
+
 def test_stage_tasks_call_the_one_pipeline_code_path(tmp_path, monkeypatch) -> None:
     import tasks.pipeline
     seen: list[str] = []
