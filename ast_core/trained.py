@@ -22,7 +22,7 @@ from .atomic import atomic_path, atomic_write_json
 from .checkpoint import load_model_tensors, state_dict_tensors
 from .integrity import sha256_file, verify_file
 from .models import load_model
-from .recipe import method as method_spec
+from .registry import method as method_spec
 from .slorb import add_slorb
 from .sparse import sparsify
 

@@ -42,8 +42,8 @@ from typing import Any
 
 from .data import data_mirror
 from .atomic import atomic_write_bytes
+from .registry import TASKS_DIR, ZERO_SHOT_TASKS
 
-TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 """The package's task YAMLs (hub sources); local variants ``include`` them by absolute path."""
 
 CONVERTER_VERSION = 1
@@ -146,7 +146,7 @@ LOCAL_SOURCES: dict[str, LocalSource] = {
     "lambada_openai": LocalSource(("lambada_openai/lambada_test.jsonl",), "test", _lambada),
 }
 
-TASKS: tuple[str, ...] = tuple(sorted(p.stem for p in TASKS_DIR.glob("*.yaml")))
+TASKS: tuple[str, ...] = ZERO_SHOT_TASKS
 """Every supported task: one per ``lm_eval_tasks/<name>.yaml`` (all but hellaswag read the local mirror)."""
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from prefect import flow
 
 from ast_core.atomic import atomic_path, atomic_write_json, atomic_write_text
-from ast_core.recipe import METHOD_NAMES
+from ast_core.registry import METHOD_NAMES
 from tasks.common import REPO_ROOT, RunContext, configure_threads
 from tasks.shared import link_shared
 from tasks.config import PipelineConfig, load_config

@@ -18,11 +18,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ast_core.errors import ASTError
-from ast_core.recipe import METHOD_NAMES, method as method_spec
-from ast_core.zeroshot import TASKS
+from ast_core.registry import METHOD_NAMES, ZERO_SHOT_TASKS, method as method_spec
 
-Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the registry in ast_core.recipe
-ZERO_SHOT_TASKS = TASKS  # one per YAML in ast_core/lm_eval_tasks/
+Method = Literal[METHOD_NAMES]  # type: ignore[valid-type]  # the registry in ast_core.registry
+
 
 
 class ConfigError(ASTError, ValueError):
