@@ -207,6 +207,57 @@ def make_schedule(cfg: LoopConfig) -> ASTSchedule:
                        min_lr=cfg.min_lr, warmup_steps=cfg.warmup_steps, total_steps=cfg.steps)
 
 
+def step_loss(model: torch.nn.Module, input_ids: torch.Tensor, block_ids: np.ndarray, cfg: LoopConfig,
+              teacher: TeacherSource | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The training loss of one micro-batch: (loss, CE, KL, SquareHead), the last two 0 when unused.
+
+    loss = CE for CE-only methods; α·KL·T² + (1−α)·CE with distillation (+ the weighted
+    SquareHead term when asked for and the teacher is online).
+    """
+    out = model(input_ids, output_hidden_states=cfg.squarehead)
+    ce = causal_ce(out.logits, input_ids)
+    zero = torch.zeros((), device=input_ids.device)
+    loss, kl, sq = ce, zero, zero
+    if cfg.uses_kd:
+        kl = teacher.kl(out.logits, block_ids, input_ids, cfg.temperature)
+        loss = kd_combine(ce, kl, cfg.kd_alpha)
+        if cfg.squarehead and isinstance(teacher, OnlineTeacher) and teacher.last_hidden:
+            sq = squarehead_loss(list(out.hidden_states[1:]), list(teacher.last_hidden[1:]))
+            loss = loss + cfg.squarehead_weight * sq
+    return loss, ce, kl, sq
+
+
+def _parallel(student: torch.nn.Module, cfg: LoopConfig, env: DistEnv,
+              device: torch.device) -> tuple[torch.nn.Module, bool]:
+    """What the loop calls forward on, and whether the student is sharded: itself (one process),
+    DDP-wrapped (replicas, gradients all-reduced) or sharded in place by rows (FSDP2)."""
+    if env.enabled and cfg.parallel == "fsdp":  # rows of every parameter sharded across ranks
+        sharding.shard_model(student, device)
+        return student, True
+    if env.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(student, broadcast_buffers=False,
+                                       device_ids=[device] if device.type == "cuda" else None), False
+    return student, False
+
+
+def _restore(ckpt: Any, student: torch.nn.Module, optimizer: ASTAdamW, fsdp: bool, device: torch.device,
+             wanda_refresh: bool) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """Weights, optimizer state and RNG from ``ckpt``; returns (initial masks, refresh column scales)."""
+    load_model_tensors(student, ckpt.model, str(ckpt.path / "model.safetensors"))
+    optimizer.load_state_dict(sharding.shard_optimizer_state(ckpt.optimizer, optimizer) if fsdp
+                              else ckpt.optimizer)
+    initial_masks = {k.removeprefix("initial_mask."): v.to(device) for k, v in ckpt.extra.items()
+                     if k.startswith("initial_mask.")}
+    refresh_scale = {k.removeprefix("refresh_scale."): v.to(device) for k, v in ckpt.extra.items()
+                     if k.startswith("refresh_scale.")} or None
+    if wanda_refresh and refresh_scale is None:
+        raise ValueError(f"{ckpt.path} holds no refresh column scales: it was trained with "
+                         "magnitude refresh and cannot resume with refresh_score 'wanda'")
+    set_rng_state(ckpt.extra)
+    return initial_masks, refresh_scale
+
+
 def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed: int,
           teacher: TeacherSource | None, checkpoint_dir: Path, resume: bool = False,
           on_step: Callable[[StepLog], None] | None = None, progress: bool = True,
@@ -236,14 +287,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     env = dist or DistEnv()
     device = next(student.parameters()).device
     student.train()
-    model = student
-    fsdp = env.enabled and cfg.parallel == "fsdp"
-    if fsdp:  # rows of every parameter sharded across ranks; the loop below is unchanged
-        sharding.shard_model(student, device)
-    elif env.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(student, broadcast_buffers=False,
-                                        device_ids=[device] if device.type == "cuda" else None)
+    model, fsdp = _parallel(student, cfg, env, device)
     wanda_refresh = cfg.wanda_refresh
     optimizer = make_optimizer(student, cfg)
     schedule = make_schedule(cfg)
@@ -255,18 +299,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
 
     ckpt, skipped = load_resumable(checkpoint_dir) if resume else (None, [])
     if ckpt is not None:
-        ckpt_path = ckpt.path
-        load_model_tensors(student, ckpt.model, str(ckpt_path / "model.safetensors"))
-        optimizer.load_state_dict(sharding.shard_optimizer_state(ckpt.optimizer, optimizer) if fsdp
-                                  else ckpt.optimizer)
-        initial_masks = {k.removeprefix("initial_mask."): v.to(device) for k, v in ckpt.extra.items()
-                         if k.startswith("initial_mask.")}
-        refresh_scale = {k.removeprefix("refresh_scale."): v.to(device) for k, v in ckpt.extra.items()
-                         if k.startswith("refresh_scale.")} or None
-        if wanda_refresh and refresh_scale is None:
-            raise ValueError(f"{ckpt_path} holds no refresh column scales: it was trained with "
-                             "magnitude refresh and cannot resume with refresh_score 'wanda'")
-        set_rng_state(ckpt.extra)
+        initial_masks, refresh_scale = _restore(ckpt, student, optimizer, fsdp, device, wanda_refresh)
         start, tokens = ckpt.state["step"], ckpt.state["tokens"]
         history = ckpt.state.get("history", [])
         resumed_from = start
@@ -305,9 +338,7 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
     done_this_call = 0
     for step in bar:
         t_start = time.perf_counter()
-        lr, lam = schedule.lr(step), schedule.lam(step)
-        for group in optimizer.param_groups:
-            group["lr"], group["sparse_decay"] = lr, lam
+        lr, lam = schedule.apply(optimizer, step)
 
         ce_sum = kl_sum = sq_sum = loss_sum = 0.0
         for micro in range(cfg.grad_accum):
@@ -317,16 +348,8 @@ def train(student: torch.nn.Module, blocks: np.ndarray, cfg: LoopConfig, *, seed
             sync = (model.no_sync() if env.enabled and not fsdp and not last_micro
                     else contextlib.nullcontext())
             with sync:  # DDP: only the last micro-step all-reduces the accumulated gradients
-                out = model(input_ids, output_hidden_states=cfg.squarehead)
-                ce = causal_ce(out.logits, input_ids)
-                loss, kl = ce, torch.zeros((), device=device)
-                if cfg.uses_kd:
-                    kl = teacher.kl(out.logits, ids, input_ids, cfg.temperature)
-                    loss = kd_combine(ce, kl, cfg.kd_alpha)
-                    if cfg.squarehead and isinstance(teacher, OnlineTeacher) and teacher.last_hidden:
-                        sq = squarehead_loss(list(out.hidden_states[1:]), list(teacher.last_hidden[1:]))
-                        loss = loss + cfg.squarehead_weight * sq
-                        sq_sum += float(sq.detach())
+                loss, ce, kl, sq = step_loss(model, input_ids, ids, cfg, teacher)
+                sq_sum += float(sq.detach())
                 # the mean over ranks: a NaN on any rank stops every rank at the same step
                 loss_val = mean_across([float(loss.detach())], env, device)[0]
                 if not math.isfinite(loss_val):
