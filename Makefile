@@ -49,17 +49,17 @@ clean:
 # The GPU table (bench/gpu_kernels.py) needs a CUDA machine and is not re-run here.
 .PHONY: bench-report
 bench: setup
-	$(BIN)/python bench/step_overhead.py
-	$(BIN)/python bench/compression.py
-	$(BIN)/python bench/cache_formats.py
-	$(BIN)/python bench/ladder.py --steps 40
-	$(BIN)/python bench/decay_sweep.py
-	$(BIN)/python bench/slorb_init.py
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.step_overhead
+	$(BIN)/python -m bench.compression
+	$(BIN)/python -m bench.cache_formats
+	$(BIN)/python -m bench.ladder --steps 40
+	$(BIN)/python -m bench.decay_sweep
+	$(BIN)/python -m bench.slorb_init
+	$(BIN)/python -m bench.report
 
 # Only rebuild docs/RESULTS.md from the results already in bench/results.
 bench-report:
-	$(BIN)/python bench/report.py
+	$(BIN)/python -m bench.report
 
 # Local orchestration stack: Prefect server + work pool + deployments + worker, MLflow UI.
 # PID files and logs in .run/, Prefect state in .prefect/; `make down` stops exactly these.

@@ -28,8 +28,8 @@ Writes ``cache_formats.json`` (sections ``static`` and ``train``; a run of one
 part keeps the other's last result), ``cache_formats.md`` and
 ``cache_formats.png`` under ``--out-dir`` (default ``bench/results``).
 
-    python bench/cache_formats.py --part static [--blocks 4] [--seeds 32]
-    python bench/cache_formats.py --part train [--params params/smollm2-quick.yaml] [--steps 40]
+    python -m bench.cache_formats --part static [--blocks 4] [--seeds 32]
+    python -m bench.cache_formats --part train [--params params/smollm2-quick.yaml] [--steps 40]
 """
 
 from __future__ import annotations
@@ -44,18 +44,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from bench.runner import RESULTS, WORK, Variant, stamp, write_json  # noqa: E402
+from bench.runner import RESULTS, STAGES, WORK, Variant, stamp, write_json  # noqa: E402
 
 TEMPERATURE = 2.0
 MODEL = "embedded:smollm2-135m"
 HEAD_K, HEAD_SAMPLES = 32, 64  # head+sampled: exact top-32 head + 64 draws from the tail
 SKIP_STEPS = 2  # first steps carry one-off costs (allocation, page-in of the cache)
-STAGES = ("cache-teacher", "train", "evaluate")  # compile changes no weight and costs minutes on CPU
 
 
 @dataclass(frozen=True)
@@ -99,7 +96,7 @@ FORMATS = [
 
 
 def command_line(argv: list[str]) -> str:
-    return "python " + shlex.join(["bench/cache_formats.py", *argv])
+    return "python " + shlex.join(["-m", "bench.cache_formats", *argv])
 
 
 # ============================================================================ static part

@@ -19,7 +19,7 @@ values + 2-bit indices is 2·(1/2 + 1/16)/2 = 0.5625; the project goal asks
 model's fp16 bytes without SLoRB (what the sparse model replaces), against the
 same tensors dense (SLoRB on both sides), and against the HF export on disk.
 
-    python bench/compression.py [--model embedded:smollm2-135m] [--group 16] [--out-dir bench/results]
+    python -m bench.compression [--model embedded:smollm2-135m] [--group 16] [--out-dir bench/results]
 
 Writes ``compression.json`` and ``compression.md``.
 """
@@ -34,8 +34,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
@@ -117,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     start = time.perf_counter()
     result = {"stamp": stamp(),
-              "command": "python " + shlex.join(["bench/compression.py", *argv]),
+              "command": "python " + shlex.join(["-m", "bench.compression", *argv]),
               **measure(args.model, args.group)}
     result["wall_s"] = time.perf_counter() - start
     from ast_core.atomic import atomic_write_text

@@ -12,7 +12,7 @@ isolated); zero-shot off; ``evaluate.max_windows=8``; validation every
 ``steps // 4`` steps. Variants: the λ = 0 reference once, then every
 λ_max × T0 pair (T0 = round(frac × steps)). A re-run skips finished stages.
 
-    python bench/decay_sweep.py [--params params/smollm2-quick.yaml] [--steps 40]
+    python -m bench.decay_sweep [--params params/smollm2-quick.yaml] [--steps 40]
                                 [--lambdas 1e-4 5e-4 2e-3 1e-2] [--t0-fracs 0.25 0.5]
                                 [--set k=v ...] [--out-dir bench/results] [--work artifacts/bench/sweep]
 
@@ -30,8 +30,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from tasks.tables import markdown_table  # noqa: E402
 from ast_core.atomic import atomic_write_text  # noqa: E402
@@ -45,7 +43,6 @@ from tasks.config import ConfigError, PipelineConfig  # noqa: E402
 DEFAULT_LAMBDAS = (1e-4, 5e-4, 2e-3, 1e-2)
 DEFAULT_T0_FRACS = (0.25, 0.5)
 REFERENCE = "lambda0"
-STAGES = ("cache-teacher", "train", "evaluate")  # compile changes no weight: not needed to measure quality
 SWEEP_SETTINGS = ["train.method=ast-naive", "evaluate.max_windows=8", "evaluate.zero_shot.enabled=false"]
 PAPER = "the paper's λ_max = 1e-4 (GPT-2; 6e-5 for LLaMA2-7B) was tuned for 10k–40k steps"
 

@@ -44,20 +44,17 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from ast_core.atomic import atomic_write_text  # noqa: E402
 from ast_core.intervals import mean_sd, ppl_ratio_interval  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.ladder import fail, resolve_params  # noqa: E402
-from bench.runner import RESULTS, WORK, Variant, run_variant, shared_base, stamp, write_json  # noqa: E402
+from bench.runner import RESULTS, STAGES, WORK, Variant, run_variant, shared_base, stamp, write_json  # noqa: E402
 from tasks.common import StageError, configure_threads  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 from tasks.tables import gap_closed, markdown_table  # noqa: E402
 
 PAPER_LAMBDA, PAPER_STEPS = 1e-4, 40_000
-STAGES = ("cache-teacher", "train", "evaluate")
 ONE_SHOT = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt")
 AST_CHOICES = ("ast-paper", "ast-official", "ast-default")  # "AST in its best setting" is one of these
 CONTROL = "fixed-kd"
@@ -99,6 +96,7 @@ def base_overrides(steps: int, seed: int, windows: int | None, calib_blocks: int
             f"train.eval_every={max(1, steps // 4)}", f"train.checkpoint_every={min(steps, 40)}",
             f"data.calib_blocks={calib_blocks}", f"data.val_blocks={val_blocks}",
             f"evaluate.max_windows={'null' if windows is None else windows}",
+            "evaluate.check_windows=8",  # the trained model vs the export on 8 windows; the export on all
             "evaluate.zero_shot.enabled=false"]
 
 
@@ -217,6 +215,27 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
     return rows
 
 
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """Per budget and AST rung: better / worse / no measurable difference vs fixed-kd.
+
+    "better" only when every seed's paired 95% interval of ppl / fixed-kd lies below 1 (and
+    "worse" above 1); anything else, including a single seed whose interval straddles 1, is
+    "no measurable difference".
+    """
+    out = []
+    for r in rows:
+        if not r["rung"].startswith("ast-") or not r["ratio_to_control"]:
+            continue
+        his = [hi for _, _, hi in r["ratio_to_control"]]
+        los = [lo for _, lo, _ in r["ratio_to_control"]]
+        mean = sum(x for x, _, _ in r["ratio_to_control"]) / len(r["ratio_to_control"])
+        word = ("better than" if max(his) < 1 else "worse than" if min(los) > 1
+                else "no measurable difference from")
+        out.append(f"{r['tokens']:,} tokens, {r['rung']}: {word} fixed-kd (ppl ratio {mean:.3f}, "
+                   f"{len(his)} seed(s), paired 95% intervals {', '.join(f'[{lo:.3f}, {hi:.3f}]' for lo, hi in zip(los, his))})")
+    return out
+
+
 def _f(v: float | None, spec: str) -> str:
     return "—" if v is None else format(v, spec)
 
@@ -240,10 +259,15 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def render(report: dict[str, Any]) -> str:
+    return "## Fair method ladder: adaptive vs fixed mask with the same distillation\n\n" + render_body(report)
+
+
+def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-untyped-def]
+    """The section text (``fair_ladder.md`` and ``docs/RESULTS.md``); ``image(name, alt)`` embeds a plot."""
     s = report["stamp"]
+    pics = [image("fair_ladder_budget.png", "WikiText-2 perplexity vs training tokens per rung"),
+            image("fair_ladder.png", "C4 validation perplexity vs training tokens")] if image else []
     return "\n".join([
-        "## Fair method ladder: adaptive vs fixed mask with the same distillation",
-        "",
         f"Started {report['started']} at commit {report['commit_at_start']} on {s['machine']} (torch {s['torch']}, "
         f"{s['threads']} threads); params `{report['params']}`; {report['done']} of {report['planned']} planned "
         "jobs finished.",
@@ -255,7 +279,13 @@ def render(report: dict[str, Any]) -> str:
         f"(held-out blocks), never on the test split: **{report['best_ast']}**.",
         "",
         table(report["rows"]),
-        "Plot: `fair_ladder.png` (C4 validation perplexity vs training tokens, seed 0).",
+        "Verdicts (a rung is better or worse than fixed-kd only when every seed's paired interval excludes 1):",
+        "",
+        *[f"- {v}" for v in verdicts(report["rows"])],
+        "",
+        *pics,
+        "Plots: `fair_ladder_budget.png` (WikiText-2 perplexity vs training tokens, mean over seeds, per rung), "
+        "`fair_ladder.png` (C4 validation perplexity vs training tokens, seed 0).",
         "",
         f"Command: `{report['command']}`",
         "",
@@ -267,7 +297,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
     out = Path(args.out_dir)
     pre = load_config(params, args.overrides)
     report = {"stamp": stamp(), "started": started, "commit_at_start": commit, "params": args.params,
-              "command": "python -m bench.fair_ladder " + " ".join(sys.argv[1:]),
+              "command": "python -m bench.fair_ladder " + " ".join(a for a in sys.argv[1:] if a != "--report-only"),
               "windows": args.windows, "calib_blocks": args.calib_blocks, "seq_len": pre.data.seq_len,
               "eval_seq_len": pre.evaluate.seq_len,
               "planned": planned, "done": len(results), "best_ast": best,
@@ -278,6 +308,16 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
               "jobs": [{k: r[k] for k in ("job", "started", "commit_at_start", "config", "wall_s")} for r in results]}
     write_json(out / "fair_ladder.json", report)
     atomic_write_text(out / "fair_ladder.md", render(report))
+    budget: dict[str, tuple[list[int], list[float]]] = {}
+    for r in report["rows"]:
+        if r["tokens"]:  # trained rungs: one point per budget
+            xs, ys = budget.setdefault(r["rung"], ([], []))
+            xs.append(r["tokens"])
+            ys.append(r["ppl_mean"])
+    if budget:
+        plotting.line_plot(out / "fair_ladder_budget.png", budget,
+                           title="WikiText-2 perplexity vs training tokens (mean over seeds)",
+                           xlabel="training tokens", ylabel="perplexity (log scale)", logy=True)
     series = {n: ([p[0] for p in pts], [p[1] for p in pts]) for n, pts in report["curves"].items() if pts}
     if series:
         plotting.line_plot(out / "fair_ladder.png", series,

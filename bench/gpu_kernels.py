@@ -2,7 +2,7 @@
 
 One prepared script for a GPU machine:
 
-    python bench/gpu_kernels.py [--model SPEC] [--iters 50] [--out-dir bench/results]
+    python -m bench.gpu_kernels [--model SPEC] [--iters 50] [--out-dir bench/results]
 
 1. Linear layers, dense ``F.linear`` on ``W ⊙ m`` vs ``to_sparse_semi_structured``
    (cuSPARSELt, else CUTLASS), bf16: LLaMA-7B shapes (4096×4096, 11008×4096,
@@ -29,8 +29,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 

@@ -14,7 +14,7 @@ the pipeline's own stages (:mod:`bench.runner`); compile is skipped (it changes
 no weight and costs minutes on CPU). A re-run skips every finished stage, so an
 interrupted ladder continues where it stopped.
 
-    python bench/ladder.py [--params params/smollm2-quick.yaml] [--steps 100] [--set k=v ...]
+    python -m bench.ladder [--params params/smollm2-quick.yaml] [--steps 100] [--set k=v ...]
                            [--out-dir bench/results] [--work artifacts/bench/ladder] [--only NAME ...]
 
 Writes ``ladder.json``, ``ladder.md``, ``ladder.png`` (perplexity bars) and
@@ -32,19 +32,16 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from ast_core.atomic import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.labels import cache_label  # noqa: E402
-from bench.runner import RESULTS, WORK, Variant, VariantResult, run_all, stamp, write_json  # noqa: E402
+from bench.runner import RESULTS, STAGES, WORK, Variant, VariantResult, run_all, stamp, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
 from tasks.tables import gap_closed, markdown_table  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
 
 DEFAULT_PARAMS = "params/smollm2-quick.yaml"
-STAGES = ("cache-teacher", "train", "evaluate")  # compile changes no weight: not needed to measure quality
 VARIANTS: dict[str, list[str]] = {  # name -> overrides, in ladder order
     "dense": ["train.method=dense"],
     "oneshot-magnitude": ["train.method=oneshot-magnitude"],
@@ -151,7 +148,8 @@ def train_seconds(history: list[dict], steps: int) -> float | None:
 
 
 def command_line(script: str, argv: list[str]) -> str:
-    return "python " + shlex.join([f"bench/{script}", *argv])
+    """``python -m bench.NAME ARGS`` for ``script`` = ``NAME.py`` (what a results file records)."""
+    return "python " + shlex.join(["-m", f"bench.{script.removesuffix('.py')}", *argv])
 
 
 def fail(err: Exception) -> int:

@@ -1,6 +1,6 @@
 """Build ``docs/RESULTS.md`` from whatever the benchmarks left in ``bench/results`` (issue #6).
 
-    python bench/report.py [--results bench/results] [--out docs/RESULTS.md] [--notes bench/notes]
+    python -m bench.report [--results bench/results] [--out docs/RESULTS.md] [--notes bench/notes]
 
 Every section shows the command that produced it, the date of its stamp, its
 table, its PNGs (relative links) and one verdict line per goal, computed from
@@ -26,8 +26,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from bench.labels import cache_label  # noqa: E402
 from tasks.tables import markdown_table as table  # noqa: E402
@@ -201,7 +199,7 @@ def render_sweep(d: dict, image: Callable[[str, str], str]) -> Body:
 # ============================================================================ step overhead
 
 def step_overhead_command(d: dict) -> str:
-    return ("python bench/step_overhead.py" + f" --steps {d['measured_steps']} --warmup {d['warmup_steps']}"
+    return ("python -m bench.step_overhead" + f" --steps {d['measured_steps']} --warmup {d['warmup_steps']}"
             f" --batch {d['batch']} --seq-len {d['seq_len']} --refresh-every {d['refresh_every']}"
             f" --lambda-max {d['lambda']:g}" + (f" --threads {d['env']['threads']}" if d.get("env") else ""))
 
@@ -321,12 +319,12 @@ def render_cache_formats(d: dict, image: Callable[[str, str], str] | None = None
     for key, title in (("static", "Bytes per token and gradient error"), ("train", "Training from the cache")):
         part = d.get(key)
         if not part:
-            run = f"python bench/cache_formats.py --part {key}"
+            run = f"python -m bench.cache_formats --part {key}"
             lines += [f"**{title}**: not measured yet (run: `{run}`).", ""]
             if key == "train":
                 verdicts = [Verdict(g, f"run: `{run}`", None) for g in CACHE_GOALS]
             continue
-        lines += [f"**{title}.** " + _provenance(part, f"python bench/cache_formats.py --part {key}")]
+        lines += [f"**{title}.** " + _provenance(part, f"python -m bench.cache_formats --part {key}")]
         if key == "static":
             lines.append(_cache_static(part))
         else:
@@ -410,7 +408,7 @@ def render_compression(d: dict, level: int = 1) -> str:
     """compression.md (written by bench/compression.py)."""
     b = render_compression_body(d)
     return "\n".join([_heading(level, "Compressed 2:4 export vs fp16 dense"), stamp_line(d), "",
-                      f"Command: `{d.get('command', 'python bench/compression.py')}`", "", b.text,
+                      f"Command: `{d.get('command', 'python -m bench.compression')}`", "", b.text,
                       *[v.line() for v in b.verdicts], ""])
 
 
@@ -482,19 +480,33 @@ class Section:
     own_provenance: bool = False  # the body prints its parts' commands and stamps itself
 
 
+def render_fair_ladder(d: dict, image: Callable[[str, str], str]) -> Body:
+    from bench.fair_ladder import render_body
+    return Body(render_body(d, image))
+
+
+def render_train_throughput(d: dict, image: Callable[[str, str], str]) -> Body:
+    from bench.train_throughput import render_body
+    return Body(render_body(d))
+
+
 SECTIONS = [
-    Section("ladder", "Method ladder (quality at one token budget)", "python bench/ladder.py", render_ladder),
-    Section("sweep", "Decay sweep (λ_max × T0 at the bench budget)", "python bench/decay_sweep.py", render_sweep),
-    Section("step_overhead", "Overhead: AST step vs plain masked fine-tuning step", "python bench/step_overhead.py",
+    Section("fair_ladder", "Fair method ladder: adaptive vs fixed mask with the same distillation",
+            "python -m bench.fair_ladder", render_fair_ladder, own_provenance=True),
+    Section("train_throughput", "Training throughput: tokens/s and the share of a GEMM's FLOP/s",
+            "python -m bench.train_throughput", render_train_throughput, own_provenance=True),
+    Section("ladder", "Method ladder (quality at one token budget)", "python -m bench.ladder", render_ladder),
+    Section("sweep", "Decay sweep (λ_max × T0 at the bench budget)", "python -m bench.decay_sweep", render_sweep),
+    Section("step_overhead", "Overhead: AST step vs plain masked fine-tuning step", "python -m bench.step_overhead",
             render_step_overhead, step_overhead_command),
     Section("cache_formats", "Teacher cache: formats, gradient error, training from the cache",
-            "python bench/cache_formats.py --part all", render_cache_formats, own_provenance=True),
-    Section("slorb_init", "SLoRB initialisation: the paper's mean vs least squares", "python bench/slorb_init.py",
+            "python -m bench.cache_formats --part all", render_cache_formats, own_provenance=True),
+    Section("slorb_init", "SLoRB initialisation: the paper's mean vs least squares", "python -m bench.slorb_init",
             render_slorb_init),
-    Section("compression", "Compression: 2:4 export vs fp16 dense", "python bench/compression.py",
+    Section("compression", "Compression: 2:4 export vs fp16 dense", "python -m bench.compression",
             render_compression_body),
-    Section("gpu_kernels", "GPU kernels: 2:4 (cuSPARSELt) vs dense", "python bench/gpu_kernels.py",
-            render_gpu_kernels, lambda d: f"python bench/gpu_kernels.py --iters {d['iters']}"),
+    Section("gpu_kernels", "GPU kernels: 2:4 (cuSPARSELt) vs dense", "python -m bench.gpu_kernels",
+            render_gpu_kernels, lambda d: f"python -m bench.gpu_kernels --iters {d['iters']}"),
 ]
 
 HEADER = """<!-- GENERATED FILE: do not edit by hand. Built by `make bench-report` (this report only)
@@ -502,7 +514,7 @@ HEADER = """<!-- GENERATED FILE: do not edit by hand. Built by `make bench-repor
      explanations come from bench/notes/<section>.md. -->
 # Benchmark results
 
-Generated by `make bench-report` (`python bench/report.py`) from the JSON files in `bench/results/`;
+Generated by `make bench-report` (`python -m bench.report`) from the JSON files in `bench/results/`;
 `make bench` re-runs every CPU benchmark first. **Do not edit this file by hand**: change a benchmark
 or the hand-written notes in `bench/notes/<section>.md` and regenerate.
 """
@@ -585,8 +597,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--notes", type=Path, default=NOTES)
     args = ap.parse_args(argv)
     text = build_report(args.results.resolve(), args.out.resolve(), args.notes.resolve())
-    if str(REPO) not in sys.path:
-        sys.path.insert(0, str(REPO))
     from ast_core.atomic import atomic_write_text
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, text)

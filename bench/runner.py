@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from tasks.common import RunContext, configure_threads  # noqa: E402
 from tasks.config import PipelineConfig, load_config  # noqa: E402
-from tasks.shared import link_shared  # noqa: E402
+from tasks.shared import open_shared, open_variant  # noqa: E402
 
-SHARED = "shared"
 RESULTS = REPO / "bench" / "results"
 WORK = REPO / "artifacts" / "bench"
+
+
+# every benchmark runs these per variant (prepare is shared); evaluate scores the export that compile writes
+STAGES = ("cache-teacher", "train", "compile", "evaluate")
 
 
 @dataclass
@@ -60,25 +60,18 @@ def configs(params: str, base: list[str], variants: list[Variant]) -> dict[str, 
 def shared_base(params: str, base: list[str], root: Path, method: str = "ast-naive") -> RunContext:
     """``prepare`` + ``cache-teacher`` once, in ``<root>/shared`` (``method`` must use a teacher)."""
     from tasks.pipeline import run_stage
-    cfg = load_config(params, [*base, f"train.method={method}"])
-    ctx = RunContext.create(cfg, root / SHARED, progress=False)
-    ctx.claim()
-    for stage in ("prepare", "cache-teacher"):
-        run_stage(ctx, stage)
-    return ctx
+    return open_shared(load_config(params, [*base, f"train.method={method}"]), root, run_stage)
 
 
 def run_variant(shared: RunContext, cfg: PipelineConfig, variant: Variant, root: Path,
-                stages: tuple[str, ...] = ("cache-teacher", "train", "compile", "evaluate"),
+                stages: tuple[str, ...] = STAGES,
                 resume: bool = False) -> VariantResult:
     """Run ``stages`` of one variant in ``<root>/<name>`` on the shared inputs; returns what it measured.
 
     ``resume``: an interrupted training continues from its last checkpoint (else it starts over).
     """
     from tasks.pipeline import run_stage
-    ctx = RunContext.create(cfg, root / variant.name, resume=resume, progress=False)
-    ctx.claim()
-    link_shared(shared, ctx, cache=variant.share_cache)
+    ctx = open_variant(shared, cfg, root, variant.name, cache=variant.share_cache, resume=resume)
     run_stage(ctx, "prepare")  # the linked files match: it only records itself as done here
     start = time.perf_counter()
     for stage in stages:
@@ -97,7 +90,7 @@ def run_variant(shared: RunContext, cfg: PipelineConfig, variant: Variant, root:
 
 
 def run_all(params: str, base: list[str], variants: list[Variant], root: Path, *,
-            stages: tuple[str, ...] = ("cache-teacher", "train", "compile", "evaluate"),
+            stages: tuple[str, ...] = STAGES,
             log=print) -> dict[str, VariantResult]:  # type: ignore[no-untyped-def]
     """Validate every variant, build the shared base, run the variants in order."""
     configure_threads()

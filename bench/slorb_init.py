@@ -9,7 +9,7 @@ AST-Boosted with each init, plus AST-Naive (no SLoRB) as the reference, on the
 same blocks, cache and seed, and records the validation curve from step 0, so
 both the starting point and what is left of the difference after training show.
 
-    python bench/slorb_init.py [--params params/smollm2-quick.yaml] [--steps 40]
+    python -m bench.slorb_init [--params params/smollm2-quick.yaml] [--steps 40]
                                [--set k=v ...] [--out-dir bench/results] [--work artifacts/bench/slorb_init]
 
 Writes ``slorb_init.json``, ``slorb_init.md`` and ``slorb_init.png`` (validation
@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 from ast_core.atomic import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
@@ -35,7 +33,6 @@ from bench.runner import Variant, stamp, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig  # noqa: E402
 
-STAGES = ("cache-teacher", "train", "evaluate")  # compile changes no weight: not needed to measure quality
 SETTINGS = ["evaluate.zero_shot.enabled=false"]
 VARIANTS = {  # name -> (overrides, SLoRB init or None)
     "no-slorb": (["train.method=ast-naive"], None),

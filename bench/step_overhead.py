@@ -15,7 +15,7 @@ measurement of the optimizer step alone (torch AdamW vs ASTAdamW at λ = 0 vs
 λ > 0) that separates the decay's own cost from the implementation. Writes
 ``bench/results/step_overhead.json``.
 
-    python bench/step_overhead.py [--steps N] [--seq-len L] [--batch B]
+    python -m bench.step_overhead [--steps N] [--seq-len L] [--batch B]
 """
 
 from __future__ import annotations
@@ -26,14 +26,12 @@ import json
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 from ast_core.models import load_model, load_tokenizer  # noqa: E402
 from ast_core.optim import ASTAdamW, ASTSchedule, build_param_groups, masks_for  # noqa: E402

@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -63,6 +61,30 @@ def step_flops(model: torch.nn.Module, tokens: int, seq_len: int) -> float:
                  if isinstance(m, (torch.nn.Linear, SparseLinear)) and ".side" not in name)
     attn = 12 * cfg.num_hidden_layers * cfg.hidden_size * seq_len
     return (6 * matmul + attn) * tokens
+
+
+def render_body(r: dict) -> str:
+    """The section text (``train_throughput.md`` and ``docs/RESULTS.md``)."""
+    st = r["stamp"]
+    return "\n".join([
+        f"Measured {st['date']} on {st['machine']} (commit {st['commit']}, {st['threads']} threads); "
+        f"`{r['params']}`, method {r['method']}, {r['batch']}×{r['seq_len']} tokens per step, teacher cache "
+        f"{r['teacher_cache']}, {r['timed_steps']} timed steps after one warm-up.",
+        "",
+        markdown_table(["measure", "value"], [
+            ["training tokens/s", f"{r['tokens_per_s']:.1f}"], ["step time", f"{r['step_s']:.2f} s"],
+            ["step FLOPs (6·P·T + attention)", f"{r['step_flop']:.3g}"],
+            ["achieved FLOP/s", f"{r['achieved_flops'] / 1e9:.1f} G"],
+            [f"fp32 GEMM {r['gemm_n']}³ FLOP/s (best of before/after)", f"{r['gemm_flops'] / 1e9:.1f} G"],
+            ["achieved / GEMM", f"{r['fraction_of_gemm']:.1%}"]]),
+        "Top ops of one forward+backward (self CPU time):",
+        "",
+        "```",
+        r["profile_top"].rstrip(),
+        "```",
+        "",
+        f"Command: `{r['command']}`",
+        ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,27 +151,7 @@ def main(argv: list[str] | None = None) -> int:
               "fraction_of_gemm": achieved / gemm, "profile_top": top,
               "command": "python -m bench.train_throughput " + " ".join(argv if argv is not None else sys.argv[1:])}
     write_json(args.out_dir / "train_throughput.json", result)
-    md = "\n".join([
-        "## Training throughput",
-        "",
-        f"Measured {result['stamp']['date']} on {result['stamp']['machine']} (commit {result['stamp']['commit']}, "
-        f"{result['stamp']['threads']} threads); `{args.params}`, method {args.method}, "
-        f"{result['batch']}×{L} tokens per step, teacher cache {cfg.teacher_cache.format}.",
-        "",
-        markdown_table(["measure", "value"], [
-            ["training tokens/s", f"{tok_s:.1f}"], ["step time", f"{result['step_s']:.2f} s"],
-            ["step FLOPs (6·P·T + attention)", f"{result['step_flop']:.3g}"],
-            ["achieved FLOP/s", f"{achieved / 1e9:.1f} G"],
-            [f"fp32 GEMM {args.gemm}³ FLOP/s (best of before/after)", f"{gemm / 1e9:.1f} G"],
-            ["achieved / GEMM", f"{achieved / gemm:.1%}"]]),
-        "Top ops of one forward+backward (self CPU time):",
-        "",
-        "```",
-        top,
-        "```",
-        "",
-        f"Command: `{result['command']}`",
-        ""])
+    md = "## Training throughput\n\n" + render_body(result)
     atomic_write_text(args.out_dir / "train_throughput.md", md)
     print(md)
     return 0

@@ -30,8 +30,8 @@ from prefect import flow
 
 from ast_core.atomic import atomic_path, atomic_write_json, atomic_write_text
 from ast_core.registry import METHOD_NAMES
-from tasks.common import REPO_ROOT, RunContext, configure_threads
-from tasks.shared import link_shared
+from tasks.common import REPO_ROOT, configure_threads
+from tasks.shared import open_shared, open_variant
 from tasks.config import PipelineConfig, load_config
 from tasks.tables import gap_closed, markdown_table
 
@@ -40,7 +40,6 @@ from flows.ast_pipeline import ast_pipeline, run_stage_task, run_stages
 log = logging.getLogger("ast_pipeline")
 
 METHODS = METHOD_NAMES  # every method of the registry, in its order
-SHARED = "shared"
 SHARED_METHOD = "ast-boosted"  # a method with a teacher, so the shared base builds the cache
 
 
@@ -151,15 +150,12 @@ def compare(params: str = "params/smollm2-quick.yaml", out: str | None = None,
     cfgs = method_configs(params, overrides, methods)
     shared_cfg = load_config(params, [*overrides, f"train.method={SHARED_METHOD}"])
     root = Path(out).resolve() if out else REPO_ROOT / "artifacts" / f"compare-{shared_cfg.name}"
-    shared = RunContext.create(shared_cfg, root / SHARED, progress=False)
-    shared.claim()
-    run_stages(shared, run_stage_task, ("prepare", "cache-teacher"))
+    shared = open_shared(shared_cfg, root, lambda ctx, stage: run_stages(ctx, run_stage_task, (stage,)))
 
     results: dict[str, dict] = {}
     failed: dict[str, str] = {}
     for method in methods:
-        ctx = RunContext.create(cfgs[method], root / method, progress=False)
-        link_shared(shared, ctx)
+        ctx = open_variant(shared, cfgs[method], root, method)
         state = ast_pipeline.with_options(flow_run_name=f"compare-{method}")(
             params=params, out=str(ctx.out), overrides=[*overrides, f"train.method={method}"],
             resume=resume, return_state=True)

@@ -173,7 +173,10 @@ class ZeroShotConfig(_Section):
 
 class EvaluateConfig(_Section):
     seq_len: int = Field(512, ge=8)
-    max_windows: int | None = Field(None, ge=1, description="limit WikiText-2 windows (quick presets)")
+    max_windows: int | None = Field(None, ge=1, description="limit WikiText-2 windows (quick presets); null: all")
+    check_windows: int | None = Field(
+        None, ge=2, description="compare the trained model with the export on the first N windows only "
+        "(perplexity; benchmarks); null: on every window and zero-shot task")
     batch_size: int = Field(4, ge=1)
     zero_shot: ZeroShotConfig = ZeroShotConfig()
 

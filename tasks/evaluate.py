@@ -156,7 +156,13 @@ def run(ctx: RunContext) -> dict:
     with ctx.checked("train"):
         model = load_trained(ctx.stage_dir("train") / "final", c.model.trust_remote_code)
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
-    trained = _measure(ctx, model, tok)
+    check_n = c.evaluate.check_windows
+    if check_n is None:  # the trained model on every window and task
+        trained = _measure(ctx, model, tok)
+    else:  # on the first check_n windows only (benchmarks: the export alone gets the whole slice)
+        trained = measure(model, tok, c.evaluate.model_copy(update={
+            "max_windows": min(check_n, c.evaluate.max_windows or check_n),
+            "zero_shot": c.evaluate.zero_shot.model_copy(update={"enabled": False})}))
     del model
     hf = ctx.out / "export" / "hf"
     if not (hf / SPARSITY_FILE).is_file():
@@ -164,9 +170,14 @@ def run(ctx: RunContext) -> dict:
     adapter = exported_adapter(hf)
     log.info("evaluate: the export, loaded the stock way (%s%s)", hf, f" + {adapter}" if adapter else "")
     exported = _measure(ctx, load_exported(hf, adapter), tok)  # the export's own tokenizer files are the same
-    base_only = _measure(ctx, load_exported(hf), tok) if adapter else None
+    base_only = None
+    if adapter:
+        base_only = (_measure(ctx, load_exported(hf), tok) if check_n is None else
+                     measure(load_exported(hf), tok, c.evaluate.model_copy(update={
+                         "max_windows": trained["windows"],
+                         "zero_shot": c.evaluate.zero_shot.model_copy(update={"enabled": False})})))
     dense = _measure_dense(ctx, tok)
-    check = export_check(trained, exported, dtype)
+    check = export_check(trained, exported if check_n is None else _prefix(exported, trained["windows"]), dtype)
     train_info = ctx.require("train")
     metrics = {
         "method": c.train.method,
@@ -187,6 +198,7 @@ def run(ctx: RunContext) -> dict:
         "zero_shot_dense": dense["zero_shot"],
         # the in-memory trained model (train/final) on the same windows and tasks
         "ppl_wikitext2_trained": trained["ppl"],
+        "ppl_windows_trained": trained["windows"],  # fewer than ppl_windows with evaluate.check_windows
         "zero_shot_trained": trained["zero_shot"],
         # the 2:4 base without its SLoRB adapter (None when there is no adapter)
         "ppl_wikitext2_base_only": base_only["ppl"] if base_only else None,
@@ -208,6 +220,14 @@ def run(ctx: RunContext) -> dict:
     ctx.mark_done("evaluate", fp, metrics=metrics)
     print(table(metrics))
     return metrics
+
+
+def _prefix(scores: dict, n: int) -> dict:
+    """``scores`` restricted to its first ``n`` windows (perplexity only), to compare with a model scored on them."""
+    import math
+    nll = scores["window_nll"][:n]
+    return {**scores, "ppl": math.exp(sum(nll) / len(nll)), "windows": n, "window_nll": nll,
+            "zero_shot": {}, "zero_shot_docs": {}}
 
 
 def _slorb_mode(hf: Path) -> str:
@@ -241,10 +261,11 @@ def table(m: dict) -> str:
         ev = m.get("evaluated", "export/hf")
         out += (f"\nThe {m['method']} column is the exported checkpoint ({ev}) loaded with stock transformers"
                 f"{' + peft' if 'adapter' in ev else ''}. Trained model in memory: ppl "
-                f"{m['ppl_wikitext2_trained']:.4f}; export check {'ok' if m['export_check']['ok'] else 'FAILED'}: "
+                f"{m['ppl_wikitext2_trained']:.4f} ({model_card.windows_note(m)}); export check {'ok' if m['export_check']['ok'] else 'FAILED'}: "
                 f"{m['export_check']['summary']}.\n")
         if m.get("ppl_wikitext2_base_only") is not None:
-            out += f"The 2:4 base without the SLoRB adapter: ppl {m['ppl_wikitext2_base_only']:.2f}.\n"
+            out += (f"The 2:4 base without the SLoRB adapter: ppl {m['ppl_wikitext2_base_only']:.2f} "
+                    f"({model_card.windows_note(m)}).\n")
         out += _tasks_hint(m)
     return out
 

@@ -116,6 +116,13 @@ def _measured(mt: dict, adapter: bool) -> list[str]:
                         mt.get("zero_shot_base_only") or {}))
     out += ["", *head, *rows, "",
             "[lo, hi]: 95% bootstrap interval over the windows. "
-            f"The in-memory trained model scored ppl {mt['ppl_wikitext2_trained']:.2f} on the same windows "
+            f"The in-memory trained model scored ppl {mt['ppl_wikitext2_trained']:.2f} "
+            f"{windows_note(mt)} "
             f"(export check: {mt['export_check']['summary']})."]
     return out + [""]
+
+
+def windows_note(m: dict) -> str:
+    """On which windows the trained model (and the base alone) were scored."""
+    n = m.get("ppl_windows_trained", m["ppl_windows"])
+    return "on the same windows" if n == m["ppl_windows"] else f"on the first {n} of those windows"

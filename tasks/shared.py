@@ -40,3 +40,30 @@ def link_shared(shared: RunContext, ctx: RunContext, cache: bool = True) -> None
         _link(shared_cache, ctx.stage_dir("cache-teacher") / "cache")
 
 
+
+
+SHARED = "shared"
+
+
+def open_shared(cfg, root: Path, run) -> RunContext:  # type: ignore[no-untyped-def]
+    """``prepare`` + ``cache-teacher`` once, in ``<root>/shared``, through ``run(ctx, stage)``
+    (:func:`tasks.pipeline.run_stage`, or the flow's Prefect task). ``cfg``'s method must distil,
+    so the shared teacher cache is built."""
+    from . import runlock
+    ctx = RunContext.create(cfg, Path(root) / SHARED, progress=False)
+    with runlock.hold(ctx.out, what="shared base"):
+        ctx.claim()
+    for stage in ("prepare", "cache-teacher"):
+        run(ctx, stage)
+    return ctx
+
+
+def open_variant(shared: RunContext, cfg, root: Path, name: str, *, cache: bool = True,  # type: ignore[no-untyped-def]
+                 resume: bool = False) -> RunContext:
+    """``<root>/<name>``: one variant's run directory, claimed (under its lock) and linked to the shared base."""
+    from . import runlock
+    ctx = RunContext.create(cfg, Path(root) / name, resume=resume, progress=False)
+    with runlock.hold(ctx.out, what=f"variant {name}"):
+        ctx.claim()
+    link_shared(shared, ctx, cache=cache)
+    return ctx

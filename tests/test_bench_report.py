@@ -185,7 +185,7 @@ def test_report_sections_show_command_date_table_images_and_notes(built: tuple[s
     assert "+0.0%" in sweep and "-42.0%" in sweep
     overhead = _section(text, "Overhead")
     assert "The refresh costs a full pass" in overhead  # the note, verbatim
-    assert "python bench/step_overhead.py --steps 30" in overhead  # rebuilt from the file's settings
+    assert "python -m bench.step_overhead --steps 30" in overhead  # rebuilt from the file's settings
     assert "no stamp" in overhead  # the file carries no date: said, not invented
     cache = _section(text, "Teacher cache")
     assert "python bench/cache_formats.py --part static" in cache and "--part train" in cache
@@ -201,10 +201,10 @@ def test_report_marks_missing_and_misshapen_files_not_measured(tmp_path: Path) -
     (results / "compression.json").write_text(json.dumps({"stamp": STAMP, "something": "else"}))
     (results / "sweep.json").write_text("{not json")
     text = report.build_report(results, tmp_path / "RESULTS.md", tmp_path / "no-notes")
-    assert "Not measured yet (run: `python bench/ladder.py`)" in _section(text, "Method ladder")
-    assert "Not measured yet (run: `python bench/cache_formats.py --part all`)" in _section(text, "Teacher cache")
+    assert "Not measured yet (run: `python -m bench.ladder`)" in _section(text, "Method ladder")
+    assert "Not measured yet (run: `python -m bench.cache_formats --part all`)" in _section(text, "Teacher cache")
     comp = _section(text, "Compression")
-    assert "Not measured yet (run: `python bench/compression.py`)" in comp and "unexpected shape" in comp
+    assert "Not measured yet (run: `python -m bench.compression`)" in comp and "unexpected shape" in comp
     assert "could not be read" in _section(text, "Decay sweep")
     assert _verdict(_section(text, "Overhead"), "plain masked") == "met"  # 1.01 <= 1.03
 
@@ -222,7 +222,7 @@ def test_cache_formats_markdown_with_only_one_part(tmp_path: Path) -> None:
     del data["train"]
     md = report.render_cache_formats_md(data, tmp_path)
     assert "| topk-64 | 388 |" in md
-    assert "not measured yet (run: `python bench/cache_formats.py --part train`)" in md
+    assert "not measured yet (run: `python -m bench.cache_formats --part train`)" in md
     assert "— met**" not in md and "— missed**" not in md  # no training numbers, no verdict ...
     assert md.count("— not measured yet**") == 2  # ... but both goals are listed as open
 
@@ -305,7 +305,7 @@ def test_compression_on_a_tiny_model(tmp_path: Path) -> None:
     from bench import compression
     assert compression.main(["--model", "tiny:llama", "--out-dir", str(tmp_path)]) == 0
     r = json.loads((tmp_path / "compression.json").read_text())
-    assert r["stamp"]["date"] and r["command"].startswith("python bench/compression.py")
+    assert r["stamp"]["date"] and r["command"].startswith("python -m bench.compression")
     # every tiny linear has in_features % 4 == 0: exactly fp16 values for half + 2 bits each
     assert r["sparse_linear_ratio"] <= compression.PHYSICAL_LIMIT + 1e-9
     assert r["sparse_linear_compressed_bytes"] == r["sparse_linear_params"] // 2 * 2 + r["sparse_linear_params"] // 8

@@ -99,7 +99,7 @@ def test_ladder_end_to_end_on_tiny(tmp_path: Path, one_thread: None, capsys: pyt
     assert "| method | WikiText-2 ppl | gap closed vs SparseGPT |" in md
     for name, r in rows.items():
         assert f"| {name} | {r['ppl']:.2f} |" in md
-    assert "4 steps × 4×64 tokens = 1,024 tokens" in md and "python bench/ladder.py" in md
+    assert "4 steps × 4×64 tokens = 1,024 tokens" in md and "python -m bench.ladder" in md
     for png in ("ladder.png", "ladder_curve.png"):
         assert_png(out / png)
 
@@ -142,7 +142,7 @@ def test_decay_sweep_end_to_end_on_tiny(tmp_path: Path, one_thread: None) -> Non
     md = (out / "sweep.md").read_text()
     table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| λ_max")]
     assert [float(line.split("|")[3]) for line in table] == sorted(round(r["ppl"], 2) for r in rows)
-    assert "Best:" in md and "λ_max × steps" in md and "python bench/decay_sweep.py" in md
+    assert "Best:" in md and "λ_max × steps" in md and "python -m bench.decay_sweep" in md
     for png in ("sweep.png", "sweep_flips.png", "sweep_ratio.png"):
         assert_png(out / png)
 
@@ -300,6 +300,6 @@ def test_slorb_init_bench_end_to_end_on_tiny(tmp_path: Path, one_thread: None) -
     assert len({r["val_ppl_start"] for r in rows.values()}) == 3
     assert_png(out / "slorb_init.png")
     md = (out / "slorb_init.md").read_text()
-    assert "| AST-Boosted, least-squares init |" in md and "python bench/slorb_init.py" in md
+    assert "| AST-Boosted, least-squares init |" in md and "python -m bench.slorb_init" in md
     body = report_mod.render_slorb_init(data, lambda name, alt: f"![{alt}]({name})\n")
     assert "slorb_init.png" in body.text and body.verdicts == []

@@ -142,3 +142,17 @@ def test_smollm2_wikitext2_dense_ppl_is_36_6_and_magnitude_2_4_is_far_worse(smol
     pruned = wikitext2_perplexity(sparse, smollm2_tokenizer, seq_len=512, max_windows=4)
     print(f"SmolLM2-135M WikiText-2 test, 4x512: one-shot magnitude 2:4 ppl {pruned.ppl:.1f}")
     assert math.isfinite(pruned.ppl) and pruned.ppl > 500
+
+
+def test_per_window_losses_and_the_whole_stream_by_default(tiny_llama):
+    """``max_windows=None`` scores every full window; the per-window losses average to nll_mean,
+    match the hand computation, and give a bootstrap interval around the perplexity."""
+    ids = torch.randint(0, tiny_llama.config.vocab_size, (5 * 16 + 7,), generator=torch.Generator().manual_seed(3))
+    r = perplexity(tiny_llama, ids, seq_len=16, batch_size=2)
+    assert r.windows == 5 and len(r.window_nll) == 5  # the 7-token tail is dropped
+    assert r.window_nll == pytest.approx(hand_nll_per_window(tiny_llama, ids, 16, 5), rel=1e-5)
+    assert sum(r.window_nll) / 5 == pytest.approx(r.nll_mean, rel=1e-6)
+    lo, hi = r.interval
+    assert lo <= r.ppl <= hi and r.as_dict()["ppl_ci95"] == [lo, hi]
+    assert perplexity(tiny_llama, ids, seq_len=16, max_windows=2).window_nll == pytest.approx(r.window_nll[:2],
+                                                                                              rel=1e-5)

@@ -105,6 +105,24 @@ def test_naive_method_keeps_the_mask_fixed(tmp_path: Path, blocks) -> None:
     assert all(torch.equal(before[n], l.mask) for n, l in sparse_layers(model))
 
 
+def test_fixed_kd_distils_like_ast_but_keeps_mask_and_pruned_weights_undecayed(tmp_path: Path, blocks,
+                                                                               teacher) -> None:
+    """fixed-kd: the same KD loss as ast-naive at step 1, the initial mask kept to the end, λ(t) = 0,
+    while ast-naive from the same start refreshes its masks."""
+    cfg_fixed = _cfg(method="fixed-kd", lr=3e-2, refresh_every=1)
+    fixed, ast = _student(boosted=False), _student(boosted=False)
+    before = {n: l.mask.clone() for n, l in sparse_layers(fixed)}
+    rf = train(fixed, blocks, cfg_fixed, seed=0, teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "f",
+               progress=False)
+    ra = train(ast, blocks, _cfg(method="ast-naive", lr=3e-2, refresh_every=1), seed=0,
+               teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / "a", progress=False)
+    assert all(torch.equal(before[n], l.mask) for n, l in sparse_layers(fixed))
+    assert rf.last_flip is None and not any("flip_rate_prev" in h for h in rf.history)
+    assert all(h["lam"] == 0.0 for h in rf.history if "lam" in h) and any(h["kl"] > 0 for h in rf.history)
+    assert rf.history[0]["loss"] == ra.history[0]["loss"] and rf.history[0]["kl"] == ra.history[0]["kl"]
+    assert ra.last_flip is not None and ra.last_flip.changed_init > 0
+
+
 def test_training_from_a_topk_cache_with_full_vocab_equals_online_kd(tmp_path: Path, blocks, teacher) -> None:
     """With k = vocab the cache target is the full distribution: same losses as online KD."""
     vocab = teacher.config.vocab_size

@@ -1,0 +1,92 @@
+"""The fair ladder (bench/fair_ladder.py): rungs, plan, choice of the best AST setting, verdicts, a run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import fair_ladder as fl
+from tasks.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "params" / "tiny.yaml")
+
+
+def test_rungs_differ_only_in_what_they_claim_to() -> None:
+    base = fl.base_overrides(40, 1, 128, 256, 64, batch=4)
+    cfgs = {r: load_config(TINY, [*base, *fl.rung_overrides(r, 40)]) for r in fl.RUNGS}
+    fixed, paper = cfgs["fixed-kd"].train, cfgs["ast-paper"].train
+    assert fixed.spec.distils and not fixed.spec.adaptive and paper.spec.adaptive
+    assert (fixed.lr, fixed.kd_alpha, fixed.steps, cfgs["fixed-kd"].seed) == (paper.lr, paper.kd_alpha, 40, 1)
+    # the paper's λ_max = 1e-4 over 40k steps, kept as λ·steps at 40 steps; T0 = 25 %; v tracks u²
+    assert paper.lambda_max == pytest.approx(0.1) and paper.t0 == 10 and paper.second_moment == "update"
+    assert paper.refresh_score == "magnitude" and cfgs["ast-official"].train.refresh_score == "wanda"
+    assert {c.data.calib_blocks for c in cfgs.values()} == {256}  # one calibration for every rung
+    assert cfgs["oneshot-sparsegpt"].evaluate.max_windows == 128
+    with pytest.raises(Exception, match="unknown rung"):
+        fl.rung_overrides("nope", 40)
+
+
+def test_plan_puts_the_decisive_rungs_first_and_takes_the_best_ast_to_larger_budgets() -> None:
+    jobs = fl.plan([0, 1, 2], [40, 160], best="ast-official")
+    first = [(j.steps, j.seed, j.rung) for j in jobs[:12]]
+    assert first[:4] == [(40, 0, "fixed-kd"), (40, 0, "ast-paper"), (40, 0, "ast-default"), (40, 0, "ast-official")]
+    assert {(j.seed, j.rung) for j in jobs if j.steps == 40 and j.rung == "fixed-kd"} == {(0, "fixed-kd"),
+                                                                                         (1, "fixed-kd"),
+                                                                                         (2, "fixed-kd")}
+    big = [j.rung for j in jobs if j.steps == 160]
+    assert big == ["fixed-kd", "ast-paper", "ast-official"] and len({j.key for j in jobs}) == len(jobs)
+
+
+def _job(rung: str, seed: int, ppl: float, val: float, nll: list[float], steps: int = 40) -> dict:
+    hist = [{"step": 0, "tokens": 0, "val_ppl": 300.0},
+            {"step": steps, "tokens": steps * 512, "loss": 1.0, "tokens_per_s": 100.0, "val_ppl": val,
+             "flip_rate_prev": 0.01, "flip_rate_init": 0.02}]
+    return {"job": {"steps": steps, "seed": seed, "rung": rung}, "started": "t", "commit_at_start": "c",
+            "config": {}, "wall_s": 1.0, "history": hist if rung.startswith("ast") else hist[:1] + [
+                {k: v for k, v in hist[1].items() if not k.startswith("flip")}],
+            "metrics": {"ppl_wikitext2": ppl, "ppl_wikitext2_dense": 36.0, "ppl_window_nll": nll,
+                        "ppl_wikitext2_ci95": [ppl * 0.9, ppl * 1.1], "ppl_windows": len(nll),
+                        "tokens_trained": steps * 512}}
+
+
+def test_best_setting_is_chosen_on_validation_and_verdicts_need_every_seed() -> None:
+    base = [4.0, 4.2, 3.9, 4.1, 4.05, 3.95]
+    results = [
+        _job("fixed-kd", 0, 100.0, 90.0, base), _job("fixed-kd", 1, 101.0, 91.0, base),
+        # lower test ppl but higher validation ppl: must not be chosen
+        _job("ast-paper", 0, 95.0, 99.0, [x - 0.05 for x in base]),
+        _job("ast-paper", 1, 96.0, 99.0, [x - 0.05 for x in base]),
+        _job("ast-default", 0, 100.0, 80.0, [x + (0.01 if i % 2 else -0.01) for i, x in enumerate(base)]),
+        _job("ast-default", 1, 100.0, 80.0, [x - 0.05 for x in base]),
+    ]
+    assert fl.best_ast(results, 40) == "ast-default"
+    rows = fl.summarize(results)
+    by = {r["rung"]: r for r in rows}
+    assert by["ast-paper"]["ppl_mean"] == pytest.approx(95.5) and by["ast-paper"]["ppl_sd"] == pytest.approx(0.7071,
+                                                                                                             rel=1e-3)
+    assert by["ast-paper"]["mask_change_vs_init"] == [0.02, 0.02] and by["fixed-kd"]["mask_change_vs_init"] is None
+    text = "\n".join(fl.verdicts(rows))
+    assert "ast-paper: better than fixed-kd" in text  # both seeds' paired intervals below 1
+    assert "ast-default: no measurable difference from fixed-kd" in text  # one seed straddles 1
+
+
+def test_a_small_ladder_runs_resumes_and_reports(tmp_path: Path) -> None:
+    """Three jobs on the tiny preset, then a re-run that runs nothing new and rebuilds the report."""
+    args = ["--params", TINY, "--steps", "2", "--seeds", "0", "--windows", "2", "--calib-blocks", "4",
+            "--val-blocks", "4", "--work", str(tmp_path / "w"), "--out-dir", str(tmp_path / "out")]
+    assert fl.main([*args, "--max-jobs", "3"]) == 0
+    jobs = sorted(p.name for p in (tmp_path / "w" / "jobs").iterdir())
+    assert jobs == ["s2-seed0-ast-default.json", "s2-seed0-ast-paper.json", "s2-seed0-fixed-kd.json"]
+    rec = json.loads((tmp_path / "w" / "jobs" / "s2-seed0-ast-paper.json").read_text())
+    assert rec["commit_at_start"] and rec["config"]["train"]["refresh_score"] == "magnitude"
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "jobs").iterdir()}
+    assert fl.main([*args, "--report-only"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "w" / "jobs").iterdir()} == before
+    report = json.loads((tmp_path / "out" / "fair_ladder.json").read_text())
+    assert report["done"] == 3 and {r["rung"] for r in report["rows"]} == {"fixed-kd", "ast-paper", "ast-default"}
+    assert "--report-only" not in report["command"]
+    md = (tmp_path / "out" / "fair_ladder.md").read_text()
+    assert "| 1,024 | fixed-kd | 0 |" in md or "fixed-kd" in md
