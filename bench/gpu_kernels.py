@@ -27,6 +27,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,8 @@ import torch  # noqa: E402
 
 from ast_core.kernels import (compare_outputs, cuda_available, default_backend, speed_table,  # noqa: E402
                               speed_table_markdown, to_semi_structured)
+from bench.report import Body, Verdict, fmt  # noqa: E402
+from tasks.tables import markdown_table  # noqa: E402
 
 LLAMA7B_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 SMOLLM2_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
@@ -130,6 +133,67 @@ def _stamp() -> dict:
     return {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "commit": None,
             "machine": f"{torch.cuda.get_device_name()}, {platform.machine()}, {os.cpu_count()} CPU cores",
             "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+# ----------------------------------------------------------------------------- report section
+
+def _big(k: dict) -> bool:
+    return max(k["out"], k["in"]) >= 4096
+
+
+def render_body(d: dict, image: Callable[[str, str], str]) -> Body:
+    ks = d["kernels"]
+    sp = lambda x: "—" if x is None else (f"{x:.2f}×" + (" (slower)" if x < 1 else ""))  # noqa: E731
+    rows = [[f"{k['out']} × {k['in']}", str(k["tokens"]), fmt(k["dense_ms"], ".4f"), fmt(k["sparse_ms"], ".4f"),
+             sp(k.get("speedup")), fmt(k.get("dense_graph_ms"), ".4f"), fmt(k.get("sparse_graph_ms"), ".4f"),
+             sp(k.get("graph_speedup")), fmt(k.get("rel_err"), ".1e")] for k in ks]
+    lines = ["Run on a CUDA machine (lent through the `device` tool); `make bench` does not re-run it.", "",
+             f"{d.get('device', 'GPU')}, torch {d.get('torch')}, CUDA {d.get('cuda')}, backend {d.get('backend')}, "
+             f"bf16, CUDA-event medians of {d.get('iters')} runs. Eager times include the per-call host work "
+             "(dispatch, cuSPARSELt plan set-up); CUDA-graph times replay a captured graph: the kernels alone.", "",
+             markdown_table(["out × in", "tokens", "dense ms", "2:4 ms", "speed-up", "dense ms (graph)",
+                             "2:4 ms (graph)", "speed-up (graph)", "rel err"], rows)]
+    # where 2:4 wins: per shape, the token counts with a speed-up > 1
+    lines.append("Where 2:4 wins (speed-up > 1):\n")
+    shapes: dict[tuple[int, int], list[dict]] = {}
+    for k in ks:
+        shapes.setdefault((k["out"], k["in"]), []).append(k)
+    for (o, i), group in shapes.items():
+        eager = [str(k["tokens"]) for k in group if (k.get("speedup") or 0) > 1]
+        graph = [str(k["tokens"]) for k in group if (k.get("graph_speedup") or 0) > 1]
+        lines.append(f"- {o} × {i}: eager " + (f"at {', '.join(eager)} tokens" if eager else "never")
+                     + "; CUDA graph " + (f"at {', '.join(graph)} tokens" if graph else "never"))
+    lines.append("")
+    e2e = d.get("end_to_end")
+    if e2e and e2e.get("rows"):
+        model = str(e2e.get("model")).split(" ('")[0]  # the file adds why the real weights were not loaded
+        lines += [f"End-to-end forward, {model}: {e2e.get('converted_layers')} layers on 2:4 kernels; "
+                  "logits vs dense-with-zeros max abs diff "
+                  f"{fmt((e2e.get('logit_diff') or {}).get('max_abs'), '.3g')}.",
+                  "", markdown_table(["batch × seq", "dense ms", "2:4 ms", "speed-up", "dense ms (graph)",
+                                      "2:4 ms (graph)", "speed-up (graph)"],
+                                     [[f"{r['batch']} × {r['seq_len']}", fmt(r["dense_ms"], ".3f"),
+                                       fmt(r["sparse_ms"], ".3f"), sp(r.get("speedup")),
+                                       fmt(r.get("dense_graph_ms"), ".3f"), fmt(r.get("sparse_graph_ms"), ".3f"),
+                                       sp(r.get("graph_speedup"))]
+                                      for r in e2e["rows"]])]
+    lines.append(image("gpu_kernels.png", "2:4 speed-up per shape and token count"))
+    verdicts = []
+    top = max(k["tokens"] for k in ks)
+    for label, pick in (("LLaMA-7B-size linears (a dimension ≥ 4096)", _big),
+                        ("SmolLM2-size linears", lambda k: not _big(k))):
+        at_top = [k for k in ks if pick(k) and k["tokens"] == top]
+        if not at_top:
+            continue
+        wins = [k for k in at_top if (k.get("graph_speedup") or 0) > 1]
+        measured = "; ".join(f"{k['out']}×{k['in']} {sp(k.get('graph_speedup'))}" for k in at_top)
+        verdicts.append(Verdict(f"2:4 faster than dense at large batch ({top} tokens, CUDA graph) for {label}",
+                                measured, len(wins) == len(at_top)))
+    return Body("\n".join(lines), verdicts)
+
+
+def command_of(d: dict) -> str:
+    return f"python -m bench.gpu_kernels --iters {d['iters']}"
 
 
 def main(argv: list[str] | None = None) -> int:

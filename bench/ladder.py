@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,6 +40,7 @@ from bench.runner import RESULTS, STAGES, WORK, Variant, VariantResult, run_all,
 from tasks.common import StageError  # noqa: E402
 from tasks.tables import gap_closed, markdown_table  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from bench.report import Body, Verdict, fmt  # noqa: E402
 
 DEFAULT_PARAMS = "params/smollm2-quick.yaml"
 VARIANTS: dict[str, list[str]] = {  # name -> overrides, in ladder order
@@ -331,6 +332,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--only", nargs="+", choices=list(VARIANTS), metavar="NAME",
                     help=f"run only these rungs ({', '.join(VARIANTS)})")
     return ap.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- report section
+
+LADDER_ORDER = ("ast-boosted", "ast-naive", "naive", "oneshot-sparsegpt")
+
+
+def render_body(d: dict, image: Callable[[str, str], str]) -> Body:
+    b, rows = d["budget"], d["rows"]
+    ev = d.get("evaluation", {})
+    tc = d.get("teacher_cache", {})
+    kd = (f"teacher cache {cache_label(tc)}" if tc.get("enabled", True) else "online teacher")
+    lines = [f"Model `{d.get('model', '?')}`, params `{d.get('params', '?')}`. **Budget: every trained method "
+             f"{b['steps']} steps × {b['batch']}×{b['seq_len']} tokens = {b['tokens']:,} tokens** (same blocks in "
+             f"the same order, same seed; KD from the {kd}).", ""]
+    if ev:
+        zs = ev.get("zero_shot", {})
+        zs_txt = (f"zero-shot accuracy on {', '.join(zs.get('tasks', []))}"
+                  + (f" (first {zs['limit']} items per task)" if zs.get("limit") else " (all items)")
+                  if zs.get("enabled") else "zero-shot off")
+        lines += [f"Evaluation: WikiText-2 test perplexity over {ev.get('wikitext2_windows', '?')} windows × "
+                  f"{ev.get('seq_len', '?')} tokens; {zs_txt}.", ""]
+    tasks = sorted({t for r in rows for t in (r.get("zero_shot") or {})})
+    head = (["method", "WikiText-2 ppl", "gap closed vs SparseGPT"] + [f"{t}" for t in tasks]
+            + (["zero-shot mean"] if tasks else []) + ["tokens trained", "train s", "final flip rate"])
+    body = []
+    for r in rows:
+        cells = [r["method"], fmt(r["ppl"]), fmt(r.get("gap_closed"), ".1%")]
+        cells += [fmt((r.get("zero_shot") or {}).get(t), ".3f") for t in tasks]
+        if tasks:
+            cells.append(fmt(r.get("zero_shot_mean"), ".3f"))
+        cells += [f"{int(r.get('tokens') or 0):,}", fmt(r.get("train_s"), ".0f"), fmt(r.get("flip_rate_final"), ".3%")]
+        body.append(cells)
+    lines += [markdown_table(head, body),
+              "gap closed = (ppl_SparseGPT − ppl) / (ppl_SparseGPT − ppl_dense): 0 is one-shot SparseGPT, 100% the "
+              "dense model. `ast-ste` is AST-Naive with λ_max = 0 (STE + mask refresh, no decay).", ""]
+    lines += [image("ladder.png", "WikiText-2 perplexity per method"),
+              image("ladder_curve.png", "validation perplexity vs training tokens")]
+    ppl = {r["method"]: r["ppl"] for r in rows}
+    present = [m for m in LADDER_ORDER if ppl.get(m) is not None]
+    chain = " < ".join(f"{m} {ppl[m]:.2f}" for m in present)
+    met = all(ppl[a] < ppl[b_] for a, b_ in zip(present, present[1:])) if len(present) >= 2 else None
+    verdicts = [Verdict("perplexity AST-Boosted < AST-Naive < naive retraining < SparseGPT one-shot (DESIGN §5)",
+                        chain.replace(" < ", ", ") if present else "no rows", met)]
+    return Body("\n".join(lines), verdicts)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,8 @@ from bench.ladder import (bench_parser, budget_of, command_line, curve, fail, re
 from bench.runner import Variant, stamp, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig  # noqa: E402
+from bench.report import Body, default_image, fmt, heading, stamp_line  # noqa: E402
+from tasks.tables import markdown_table  # noqa: E402
 
 SETTINGS = ["evaluate.zero_shot.enabled=false"]
 VARIANTS = {  # name -> (overrides, SLoRB init or None)
@@ -65,10 +67,9 @@ def build_report(rows: list[dict[str, Any]], *, cfg: PipelineConfig, params: str
 
 def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
     """``slorb_init.json``, ``slorb_init.md`` and ``slorb_init.png`` (each written atomically)."""
-    from bench.report import render_slorb_init_md
     out_dir = Path(out_dir)
     write_json(out_dir / "slorb_init.json", report)
-    atomic_write_text(out_dir / "slorb_init.md", render_slorb_init_md(report, out_dir))
+    atomic_write_text(out_dir / "slorb_init.md", render_markdown(report, out_dir))
     series = {r["label"]: ([p[0] for p in r["curve"]], [p[1] for p in r["curve"]]) for r in report["rows"]}
     png = plotting.line_plot(out_dir / "slorb_init.png", series, logy=True,
                              title=f"validation perplexity from step 0 ({report['budget']['steps']} steps)",
@@ -78,6 +79,30 @@ def write_outputs(report: dict[str, Any], out_dir: Path) -> list[Path]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return bench_parser("slorb_init.py", __doc__, steps=40, work="slorb_init").parse_args(argv)
+
+
+# ----------------------------------------------------------------------------- report section
+
+def render_body(d: dict, image: Callable[[str, str], str]) -> Body:
+    """SLoRB init: AST-Naive (no SLoRB), AST-Boosted with the paper's mean init and with least squares."""
+    b, e = d["budget"], d["evaluation"]
+    rows = [[r["label"], fmt(r.get("val_ppl_start"), ".1f"), fmt(r.get("val_ppl_end"), ".1f"), fmt(r.get("ppl"))]
+            for r in d["rows"]]
+    lines = [f"Model `{d['model']}`, params `{d['params']}`, SLoRB group {d['slorb_group']}. Budget per run: "
+             f"{b['steps']} steps × {b['batch']}×{b['seq_len']} tokens = {b['tokens']:,} tokens (same blocks, "
+             f"order, teacher cache and seed). Validation: {e['val_blocks']}×{e['val_seq_len']} held-out C4 tokens, "
+             f"step 0 = after the initial mask (and SLoRB init), before any training step. WikiText-2 test over "
+             f"{e['wikitext2_windows']} windows × {e['seq_len']} tokens after training.", "",
+             markdown_table(["run", "val ppl at step 0", "val ppl at the end", "WikiText-2 ppl"], rows),
+             image("slorb_init.png", "validation perplexity vs tokens per SLoRB init")]
+    return Body("\n".join(lines), [])
+
+
+def render_markdown(d: dict, directory: Path, level: int = 1) -> str:
+    """slorb_init.md (written by bench/slorb_init.py next to its PNG)."""
+    b = render_body(d, default_image(directory, directory))
+    return "\n".join([heading(level, "SLoRB initialisation"), stamp_line(d), "", f"Command: `{d['command']}`", "",
+                      b.text.rstrip(), ""])
 
 
 def main(argv: list[str] | None = None) -> int:

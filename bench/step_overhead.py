@@ -28,6 +28,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -37,6 +38,8 @@ from ast_core.models import load_model, load_tokenizer  # noqa: E402
 from ast_core.optim import ASTAdamW, ASTSchedule, build_param_groups, masks_for  # noqa: E402
 from ast_core.refresh import magnitude_nm_mask, refresh_masks, snapshot_masks  # noqa: E402
 from ast_core.sparse import sparse_layers, sparsify  # noqa: E402
+from bench.report import Body, Verdict, at_most, fmt  # noqa: E402
+from tasks.tables import markdown_table  # noqa: E402
 
 MODEL = "embedded:smollm2-135m"
 # Random-weight stand-ins with real shapes, for machines without the embedded copy (a GPU box):
@@ -116,6 +119,52 @@ def optimizer_breakdown(model: torch.nn.Module, lam: float, reps: int) -> dict[s
 def summary(xs: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(xs), "mean_s": statistics.fmean(xs), "min_s": min(xs),
             "max_s": max(xs)}
+
+
+# ----------------------------------------------------------------------------- report section
+
+GOAL = 1.03  # AST step / plain masked fine-tuning step
+
+
+def command_of(d: dict) -> str:
+    return ("python -m bench.step_overhead" + f" --steps {d['measured_steps']} --warmup {d['warmup_steps']}"
+            f" --batch {d['batch']} --seq-len {d['seq_len']} --refresh-every {d['refresh_every']}"
+            f" --lambda-max {d['lambda']:g}" + (f" --threads {d['env']['threads']}" if d.get("env") else ""))
+
+
+def render_body(d: dict, image: Callable[[str, str], str]) -> Body:
+    p, a = d["plain"], d["ast"]
+    ms = lambda x: fmt(1000 * x, ".1f") if x is not None else "—"  # noqa: E731
+    rows = [["step (median)", ms(p["step"]["median_s"]), ms(a["step"]["median_s"]), fmt(d["ratio_median"], ".3f")],
+            ["step (mean, carries the amortised refresh)", ms(p["step"]["mean_s"]), ms(a["step"]["mean_s"]),
+             fmt(d["ratio_mean"], ".3f")],
+            ["forward + backward (median)", ms(p["fwd_bwd"]["median_s"]), ms(a["fwd_bwd"]["median_s"]),
+             fmt(a["fwd_bwd"]["median_s"] / p["fwd_bwd"]["median_s"], ".3f")],
+            ["optimizer step (median)", ms(p["opt"]["median_s"]), ms(a["opt"]["median_s"]),
+             fmt(a["opt"]["median_s"] / p["opt"]["median_s"], ".3f")]]
+    lines = [f"SmolLM2-135M (`{d.get('model')}`), 2:4 magnitude masks, batch {d['batch']} × {d['seq_len']} tokens, "
+             f"{d['measured_steps']} measured steps each (after {d['warmup_steps']} warm-up), plain and AST steps "
+             f"interleaved (order alternating); AST: λ = {d['lambda']:g} on every masked weight, mask refresh every "
+             f"{d['refresh_every']} steps. Plain: `{d.get('env', {}).get('plain_optimizer', 'torch AdamW')}`.", "",
+             markdown_table(["", "plain ms", "AST ms", "AST / plain"], rows)]
+    ref = d.get("refresh", {})
+    if ref.get("count_measured"):
+        lines += [f"Mask refresh: {fmt(1000 * ref['mean_s'], '.0f')} ms mean over {ref['count_measured']} refreshes "
+                  f"(one every {d['refresh_every']} steps).", ""]
+    bd = d.get("optimizer_breakdown_median_s")
+    if bd:
+        lines += ["Optimizer step alone (same gradients, interleaved, median): "
+                  + ", ".join(f"{k} {fmt(1000 * v, '.0f')} ms" for k, v in bd.items()) + ".", ""]
+    lines += [markdown_table(["ratio", "value"], [
+        ["AST / plain, median step", fmt(d["ratio_median"], ".3f")],
+        ["AST / plain, mean step", fmt(d["ratio_mean"], ".3f")],
+        ["from the parts (extra optimizer time + amortised refresh)", fmt(d.get("ratio_from_parts"), ".3f")],
+        ["decay + refresh alone (vs ASTAdamW at λ = 0)", fmt(d.get("ratio_decay_and_refresh_only"), ".3f")]])]
+    lines.append(image("step_overhead.png", "AST vs plain step time"))
+    worst = max(d["ratio_median"], d["ratio_mean"])
+    v = Verdict(f"AST step ≤ {GOAL:g}× plain masked fine-tuning step",
+                f"{worst:.3f}, the larger of the median and mean ratios", at_most(worst, GOAL))
+    return Body("\n".join(lines), [v])
 
 
 def main() -> None:

@@ -63,7 +63,7 @@ def step_flops(model: torch.nn.Module, tokens: int, seq_len: int) -> float:
     return (6 * matmul + attn) * tokens
 
 
-def render_body(r: dict) -> str:
+def render_body(r: dict, image=None) -> str:  # type: ignore[no-untyped-def]
     """The section text (``train_throughput.md`` and ``docs/RESULTS.md``)."""
     st = r["stamp"]
     return "\n".join([

@@ -209,10 +209,33 @@ def test_report_marks_missing_and_misshapen_files_not_measured(tmp_path: Path) -
     assert _verdict(_section(text, "Overhead"), "plain masked") == "met"  # 1.01 <= 1.03
 
 
+
+def test_report_imports_no_torch_and_each_section_renderer_lives_with_its_benchmark() -> None:
+    """report.py is the registry and the assembly: importing it pulls in no torch (the benchmark
+    modules, several of which import torch, are imported only to render their section)."""
+    import subprocess
+    code = "import sys, bench.report; assert 'torch' not in sys.modules, 'bench.report imported torch'"
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
+    for sec in report.SECTIONS:
+        assert callable(sec.bench_module().render_body), sec.module
+        assert not hasattr(report, f"render_{sec.module}")
+
+
+def test_report_as_a_module_renders_the_benchmarks_bodies(tmp_path: Path) -> None:
+    """`python -m bench.report` runs this file as __main__ beside the bench.report the benchmarks import."""
+    import subprocess
+    results, out = tmp_path / "results", tmp_path / "docs" / "RESULTS.md"
+    results.mkdir()
+    (results / "ladder.json").write_text(json.dumps(_ladder()))
+    subprocess.run([sys.executable, "-m", "bench.report", "--results", str(results), "--out", str(out),
+                    "--notes", str(tmp_path / "notes")], cwd=REPO, check=True, capture_output=True)
+    assert _verdict(_section(out.read_text(), "Method ladder"), "AST-Boosted < AST-Naive") == "missed"  # 55 > 50
+
 @pytest.mark.parametrize("preset, expected", [("topk-64", "met"), ("sampled-256", "missed"), (None, "missed")])
 def test_cache_goals_are_judged_on_the_presets_format(preset: str | None, expected: str) -> None:
     """topk-64 meets both goals and sampled-256 neither; without a preset row every format must meet them."""
-    body = report.render_cache_formats(_cache_formats(preset))
+    from bench.cache_formats import render_body
+    body = render_body(_cache_formats(preset))
     assert [v.met for v in body.verdicts] == [expected == "met"] * 2
     assert all(("judged on the preset's format" in v.line()) == (preset is not None) for v in body.verdicts)
 
@@ -220,7 +243,8 @@ def test_cache_goals_are_judged_on_the_presets_format(preset: str | None, expect
 def test_cache_formats_markdown_with_only_one_part(tmp_path: Path) -> None:
     data = _cache_formats()
     del data["train"]
-    md = report.render_cache_formats_md(data, tmp_path)
+    from bench.cache_formats import render_markdown
+    md = render_markdown(data, tmp_path)
     assert "| topk-64 | 388 |" in md
     assert "not measured yet (run: `python -m bench.cache_formats --part train`)" in md
     assert "— met**" not in md and "— missed**" not in md  # no training numbers, no verdict ...

@@ -283,7 +283,6 @@ def test_budget_config_sets_the_budget_and_lets_the_user_override_the_bench() ->
 
 
 def test_slorb_init_bench_end_to_end_on_tiny(tmp_path: Path, one_thread: None) -> None:
-    from bench import report as report_mod
     from bench import slorb_init
     out, work = tmp_path / "out", tmp_path / "work"
     assert slorb_init.main([*QUICK, "--out-dir", str(out), "--work", str(work)]) == 0
@@ -301,5 +300,5 @@ def test_slorb_init_bench_end_to_end_on_tiny(tmp_path: Path, one_thread: None) -
     assert_png(out / "slorb_init.png")
     md = (out / "slorb_init.md").read_text()
     assert "| AST-Boosted, least-squares init |" in md and "python -m bench.slorb_init" in md
-    body = report_mod.render_slorb_init(data, lambda name, alt: f"![{alt}]({name})\n")
+    body = slorb_init.render_body(data, lambda name, alt: f"![{alt}]({name})\n")
     assert "slorb_init.png" in body.text and body.verdicts == []
