@@ -10,8 +10,11 @@ import os
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+
+from support import tiny
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -79,3 +82,18 @@ def wikitext_test_text(shared_data: Path) -> str:
     rows = [line if line.strip() else "" for line in raw.split("\n")[:-1]]
     rows = [r + "\n" if r else "" for r in rows]
     return "\n\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- tiny training runs
+
+@pytest.fixture(scope="module")
+def blocks() -> np.ndarray:
+    """16 random blocks × 16 tokens (seed 0, ids < 2000); a file with other data overrides this fixture
+    with its own ``tiny.blocks(...)`` call."""
+    return tiny.blocks()
+
+
+@pytest.fixture(scope="module")
+def teacher() -> torch.nn.Module:
+    """The tiny LLaMA teacher, seed 0; a file with another teacher seed overrides this fixture."""
+    return tiny.teacher()

@@ -28,17 +28,15 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors import SafetensorError
 
 import ast_core.checkpoint as ckpt_mod
 from ast_core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, load_model_tensors
-from ast_core.masks import magnitude_score, nm_mask
-from ast_core.models import load_model
-from ast_core.sparse import sparse_layers, sparsify
+from ast_core.sparse import sparse_layers
 from ast_core.train import OnlineTeacher, TrainingDiverged, train
+from support import tiny
 from tasks.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,11 +136,7 @@ def zygote(tmp_path_factory):
 # ----------------------------------------------------------------------------- helpers
 
 def _student() -> torch.nn.Module:
-    model = load_model("tiny:llama", seed=0)
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
-    return model
+    return tiny.student(slorb=False)
 
 
 def _assert_no_torn_checkpoint(root: Path, skeleton: torch.nn.Module) -> int:
@@ -229,14 +223,10 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(zygote: Zygo
 
 # ----------------------------------------------------------------------------- write failures
 
-@pytest.fixture(scope="module")
-def blocks() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 2000, size=(16, 16)).astype(np.uint16)
-
-
+# ``blocks``: tests/conftest.py's (16 × 16, seed 0)
 @pytest.fixture(scope="module")
 def teacher() -> torch.nn.Module:
-    return load_model("tiny:llama", seed=1)
+    return tiny.teacher(seed=1)
 
 
 def _cfg(**kw) -> TrainConfig:

@@ -9,18 +9,14 @@ import pytest
 import torch
 
 from ast_core.distill import kl_from_targets, kl_full
-from ast_core.models import load_model
 from ast_core.teacher_cache import CacheMismatch, TeacherCache, build_cache, fingerprint, weights_hash
+from support import tiny
 
 
-@pytest.fixture(scope="module")
-def teacher():
-    return load_model("tiny:llama", seed=0)
-
-
+# ``teacher``: tests/conftest.py's (seed 0)
 @pytest.fixture(scope="module")
 def blocks() -> np.ndarray:
-    return np.random.default_rng(1).integers(0, 3000, size=(5, 12)).astype(np.uint16)
+    return tiny.blocks(n=5, seq_len=12, vocab=3000, seed=1)
 
 
 def _fp(**kw):
@@ -85,7 +81,7 @@ def test_sampled_cache_round_trips(tmp_path: Path, teacher, blocks) -> None:
 
 
 def test_weights_hash_changes_with_any_weight(teacher) -> None:
-    other = load_model("tiny:llama", seed=0)
+    other = tiny.teacher(seed=0)
     assert weights_hash(teacher) == weights_hash(other)
     with torch.no_grad():
         other.model.layers[1].mlp.up_proj.weight[0, 0] += 1e-3

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from ast_core.checkpoint import latest_checkpoint
-from ast_core.masks import mask_is_exact, magnitude_score, nm_mask
-from ast_core.models import load_model
-from ast_core.slorb import add_slorb
-from ast_core.sparse import sparse_layers, sparsify
+from ast_core.masks import mask_is_exact, nm_mask
+from ast_core.sparse import sparse_layers
 from ast_core.teacher_cache import build_cache, fingerprint
 from ast_core.train import BlockOrder, CachedTeacher, OnlineTeacher, TrainingDiverged, train
+from support import tiny
 from tasks.config import TrainConfig
 
 
@@ -26,23 +25,8 @@ def _cfg(**kw) -> TrainConfig:
 
 
 def _student(boosted: bool = True) -> torch.nn.Module:
-    model = load_model("tiny:llama", seed=0)
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
-    if boosted:
-        add_slorb(model, 16)
-    return model
-
-
-@pytest.fixture(scope="module")
-def blocks() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 2000, size=(16, 16)).astype(np.uint16)
-
-
-@pytest.fixture(scope="module")
-def teacher() -> torch.nn.Module:
-    return load_model("tiny:llama", seed=0)
+    """The tiny seed-0 student; ``blocks`` and ``teacher`` (seed 0) are the fixtures of tests/conftest.py."""
+    return tiny.student(slorb=boosted)
 
 
 def _final_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -147,7 +131,7 @@ def test_block_order_is_a_permutation_per_epoch_and_pure_in_step() -> None:
 
 def test_validation_curve_is_recorded_and_does_not_change_training(tmp_path: Path, blocks, teacher) -> None:
     from ast_core.train import causal_ce, validation_loss
-    val = np.random.default_rng(1).integers(0, 2000, size=(3, 16)).astype(np.uint16)
+    val = tiny.blocks(n=3, seed=1)
     plain = _student(boosted=False)
     train(plain, blocks, _cfg(method="ast-naive"), seed=0, teacher=OnlineTeacher(teacher),
           checkpoint_dir=tmp_path / "a", progress=False)

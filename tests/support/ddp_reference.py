@@ -5,11 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ast_core.masks import magnitude_score, nm_mask
-from ast_core.models import load_model
-from ast_core.slorb import add_slorb
-from ast_core.sparse import sparse_layers, sparsify
 from tasks.config import TrainConfig
+
+from . import tiny
 
 SEED = 0
 # global batch 4 = 2 ranks x 2 blocks; refresh every 2 steps so masks adapt during the run
@@ -18,23 +16,16 @@ CFG = TrainConfig(method="ast-boosted", steps=6, batch_size=4, lr=3e-3, min_lr=3
 
 
 def blocks() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 2000, size=(16, 16)).astype(np.uint16)
+    return tiny.blocks()
 
 
 def student(slorb: bool = True) -> torch.nn.Module:
-    """The tiny sparse student (magnitude 2:4 masks; SLoRB k = 16 unless ``slorb=False``),
-    also the one tests/support/train_worker.py kills and resumes."""
-    model = load_model("tiny:llama", seed=SEED)
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
-    if slorb:
-        add_slorb(model, 16)
-    return model
+    """The tiny sparse student (magnitude 2:4 masks; SLoRB k = 16 unless ``slorb=False``)."""
+    return tiny.student(slorb=slorb, seed=SEED)
 
 
 def teacher() -> torch.nn.Module:
-    return load_model("tiny:llama", seed=1)
+    return tiny.teacher(seed=1)
 
 
 def single_thread():  # type: ignore[no-untyped-def]

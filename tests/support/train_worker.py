@@ -43,9 +43,9 @@ import torch  # noqa: E402
 
 import ast_core.checkpoint as ckpt_mod  # noqa: E402
 import ast_core.train as train_mod  # noqa: E402
-from ast_core.models import _embedded_vocab_size, load_model  # noqa: E402
+from ast_core.models import _embedded_vocab_size  # noqa: E402
 from tasks.config import TrainConfig  # noqa: E402
-from tests.support.ddp_reference import student as tiny_student  # noqa: E402
+from tests.support import tiny  # noqa: E402
 
 SEED = 0
 
@@ -58,11 +58,11 @@ def config(steps: int) -> TrainConfig:
 
 
 def blocks() -> np.ndarray:
-    return np.random.default_rng(0).integers(0, 2000, size=(24, 16)).astype(np.uint16)
+    return tiny.blocks(n=24)
 
 
 def student() -> torch.nn.Module:
-    return tiny_student(slorb=False)
+    return tiny.student(slorb=False, seed=SEED)
 
 
 def _say(msg: str) -> None:
@@ -106,7 +106,7 @@ def train_once(ckpt: Path, steps: int, sleep: float) -> None:
     _install_hooks(sleep)
     torch.manual_seed(SEED)
     model = student()
-    teacher = train_mod.OnlineTeacher(load_model("tiny:llama", seed=SEED + 1))
+    teacher = train_mod.OnlineTeacher(tiny.teacher(seed=SEED + 1))
     _say(f"ready {pid}")
     train_mod.train(model, blocks(), config(steps), seed=SEED, teacher=teacher, checkpoint_dir=Path(ckpt),
                     resume=True, progress=False, on_step=lambda log: _say(f"step {pid} {log.step}"))
