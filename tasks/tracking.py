@@ -9,9 +9,10 @@ running the pipeline is tracked the same way:
 - A single ``ast-pipeline stage X`` (DVC runs stages as separate processes)
   reuses the parent recorded in ``DIR/mlflow_run.json`` when it has the same
   config hash and tracking store, else opens a new parent and records it.
-- Training steps are buffered and sent with ``log_batch`` every
-  :data:`FLUSH_EVERY_STEPS` steps (or :data:`FLUSH_EVERY_S` seconds) and at the
-  end, so tracking costs the training loop next to nothing.
+- Each training step goes to MLflow's own asynchronous logging
+  (``log_batch(..., synchronous=False)``: a background thread writes it), so
+  tracking costs the training loop next to nothing; MLflow's ``log_batch`` also
+  splits what exceeds its per-request limits.
 - Final metrics (perplexities, ``zero_shot/<task>``, tokens, flip rate,
   compressed ratio, cache bytes/token, ``wall_time_s/<stage>``), lineage tags
   (git commit, data manifest hash, teacher cache fingerprint, ``dvc.lock``
@@ -55,10 +56,6 @@ log = logging.getLogger("ast_pipeline.tracking")
 
 ENV_SWITCH = "AST_TRACKING"
 RECORD_FILE = "mlflow_run.json"
-FLUSH_EVERY_STEPS = 50
-FLUSH_EVERY_S = 30.0
-PARAMS_PER_BATCH = 100    # MAX_PARAMS_TAGS_PER_BATCH
-METRICS_PER_BATCH = 1000  # MAX_ENTITIES_PER_BATCH
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -147,30 +144,33 @@ class MlflowStageRun(StageRun):
     def __init__(self, tracker: "MlflowTracker", stage: str, run_id: str | None) -> None:
         super().__init__(tracker.ctx, stage)
         self.tracker, self.run_id = tracker, run_id
-        self.buffer: list[Any] = []
         self.steps_logged: set[int] = set()
-        self.pending_steps = 0
-        self.last_flush = time.monotonic()
+        self.in_flight: Any = None  # the RunOperations of the last step, written in the background
 
     def on_step(self, step: "StepLog") -> None:
         if self.run_id is None or self.tracker.broken:
             return
         try:
             from mlflow.entities import Metric
+            # the previous step's write has long finished (a step takes longer than one small insert):
+            # collecting it here turns an outage into one warning now, not one error per step until the end
+            self.wait()
+            if self.tracker.broken:
+                return
             values = step.as_dict()
             n = int(values.pop("step"))
             ts = int(time.time() * 1000)
-            self.buffer.extend(Metric(k, float(v), ts, n) for k, v in values.items())
+            self.in_flight = self.tracker.client.log_batch(
+                self.run_id, metrics=[Metric(k, float(v), ts, n) for k, v in values.items()], synchronous=False)
             self.steps_logged.add(n)
-            self.pending_steps += 1
-            if self.pending_steps >= FLUSH_EVERY_STEPS or time.monotonic() - self.last_flush >= FLUSH_EVERY_S:
-                self.flush()
         except Exception as exc:  # noqa: BLE001 - never stop training for tracking
             self.tracker.fail("logging a training step", exc)
 
-    def flush(self) -> None:
-        buf, self.buffer, self.pending_steps, self.last_flush = self.buffer, [], 0, time.monotonic()
-        self.tracker.log_batch(self.run_id, "metrics", buf, METRICS_PER_BATCH)
+    def wait(self) -> None:
+        """Wait for the step being written in the background; its failure becomes the one warning."""
+        ops, self.in_flight = self.in_flight, None
+        if ops is not None:
+            self.tracker.call("logging training steps", ops.wait, force=True)
 
     def _backfill_history(self) -> None:
         """Steps not seen live (a skipped stage, or steps before a --resume) come from history.jsonl."""
@@ -178,11 +178,14 @@ class MlflowStageRun(StageRun):
 
         from .plots import read_history
         ts = int(time.time() * 1000)
+        missing = []
         for rec in read_history(self.ctx.stage_dir("train") / "history.jsonl"):
             n = int(rec["step"])
             if n not in self.steps_logged:
-                self.buffer.extend(Metric(k, float(v), ts, n) for k, v in rec.items() if k != "step")
+                missing.extend(Metric(k, float(v), ts, n) for k, v in rec.items() if k != "step")
                 self.steps_logged.add(n)
+        self.tracker.call("logging the training history", self.tracker.client.log_batch, self.run_id,
+                          metrics=missing)
 
     def finish(self, result: dict) -> None:
         super().finish(result)
@@ -197,9 +200,9 @@ class MlflowStageRun(StageRun):
         """``late``: logged from the run directory afterwards (:func:`log_run_dir`): no wall time is known."""
         wall = time.perf_counter() - self.start
         t = self.tracker
+        self.wait()
         if self.stage == "train":
             t.call("reading the training history", self._backfill_history)
-        self.flush()
         metrics = {**stage_metrics(self.ctx, self.stage, result), **({} if late else {"wall_time_s": wall})}
         t.log_metrics(self.run_id, metrics)
         t.log_metrics(t.parent_id, {(f"wall_time_s/{self.stage}" if k == "wall_time_s" else k): v
@@ -245,22 +248,22 @@ class MlflowTracker(Tracker):
             self.fail(what, exc)
             return None
 
-    def log_batch(self, run_id: str, field: str, entities: list[Any], per_batch: int) -> None:
-        for i in range(0, len(entities), per_batch):
-            self.call(f"logging {field}", self.client.log_batch, run_id, **{field: entities[i:i + per_batch]})
+    # MlflowClient.log_batch splits into requests within the store's limits (100 params/tags, 1000 metrics)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float]) -> None:
         from mlflow.entities import Metric
         ts = int(time.time() * 1000)
-        self.log_batch(run_id, "metrics", [Metric(k, v, ts, 0) for k, v in metrics.items()], METRICS_PER_BATCH)
+        self.call("logging metrics", self.client.log_batch, run_id,
+                  metrics=[Metric(k, v, ts, 0) for k, v in metrics.items()])
 
     def log_tags(self, run_id: str, tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
-        self.log_batch(run_id, "tags", [RunTag(k, v) for k, v in tags.items()], PARAMS_PER_BATCH)
+        self.call("logging tags", self.client.log_batch, run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_params(self, run_id: str, params: dict[str, str]) -> None:
         from mlflow.entities import Param
-        self.log_batch(run_id, "params", [Param(k, v) for k, v in params.items()], PARAMS_PER_BATCH)
+        self.call("logging params", self.client.log_batch, run_id,
+                  params=[Param(k, v) for k, v in params.items()])
 
     def log_file(self, run_id: str, path: Path) -> None:
         rel = path.relative_to(self.ctx.out).parent.as_posix() if path.is_relative_to(self.ctx.out) else ""
@@ -275,8 +278,7 @@ class MlflowTracker(Tracker):
 
     def _end_stage(self, run: StageRun, status: str) -> None:
         if isinstance(run, MlflowStageRun) and run.run_id:
-            if run.buffer:  # an interrupted training keeps the steps it logged
-                run.flush()
+            run.wait()  # an interrupted training keeps the steps it logged
             self.call(f"ending the {run.stage} run", self.client.set_terminated, run.run_id, status, force=True)
 
     def close(self, status: str) -> None:

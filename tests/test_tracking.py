@@ -252,3 +252,33 @@ def test_experiments_are_tagged_as_model_training_and_a_users_kind_is_kept(track
     assert client.get_experiment(mine).tags["mlflow.experimentKind"] == "genai_development"
     new = _experiment(client, "fresh", tracking_env)
     assert client.get_experiment(new).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_a_step_write_failing_in_the_background_warns_once_and_stops_logging_steps(tmp_path: Path, caplog) -> None:
+    """Steps go to MLflow's asynchronous logging; a write that failed in its background thread is
+    collected at the next step: one warning, no further step is sent, training goes on."""
+    from tasks.tracking import MlflowStageRun, MlflowTracker
+
+    class Outage:
+        def wait(self) -> None:
+            raise OSError("database is locked")
+
+    class Client:
+        def __init__(self) -> None:
+            self.steps: list[int] = []
+
+        def log_batch(self, run_id, metrics=(), synchronous=True, **kw):  # type: ignore[no-untyped-def]
+            assert synchronous is False and run_id == "stage"
+            self.steps += sorted({m.step for m in metrics})
+            return Outage()
+
+    ctx = SimpleNamespace(out=tmp_path, stage_dir=lambda stage: tmp_path / stage)
+    client = Client()
+    tracker = MlflowTracker(ctx, client, "exp", "parent", None)  # type: ignore[arg-type]
+    run = MlflowStageRun(tracker, "train", "stage")
+    caplog.set_level("WARNING")
+    for n in range(1, 6):
+        run.on_step(SimpleNamespace(as_dict=lambda n=n: {"step": n, "loss": 1.0 / n}))
+    assert client.steps == [1]  # step 1 was sent; its failure, seen at step 2, stopped the rest
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "database is locked" in warnings[0] and "log-run" in warnings[0]
