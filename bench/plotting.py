@@ -21,7 +21,7 @@ import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from ast_core.atomic import atomic_path
+from tasks.plots import save_png
 
 Series = tuple[Sequence[float], Sequence[float]]
 
@@ -45,13 +45,7 @@ def figure(title: str, xlabel: str = "", ylabel: str = "", *, logx: bool = False
     return fig, ax
 
 
-def save(fig: Any, path: str | Path) -> Path:
-    """Write ``fig`` as a PNG at ``path`` atomically (creates the folder); returns the path."""
-    path = Path(path)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, format="png")
-    return path
+save = save_png  # write ``fig`` as a PNG at ``path`` atomically; returns the path
 
 
 def _drawable(xs: Sequence[float], ys: Sequence[float], logx: bool, logy: bool) -> tuple[list, list]:

@@ -38,8 +38,10 @@ def _figure(title: str, height: float = 4.0):
     return fig, ax
 
 
-def _save(fig: Any, path: Path) -> Path:
-    """Write atomically: a reader (DVC, the MLflow upload) never sees half a PNG."""
+def save_png(fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG atomically: a reader (DVC, the MLflow upload, a report) never sees half a PNG.
+    Also the benchmarks' ``bench.plotting.save``."""
+    path = Path(path)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, format="png")
@@ -75,7 +77,7 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
         kl_ax.set_xlabel("step")
     else:
         ax.set_xlabel("step")
-    written.append(_save(fig, out_dir / TRAIN_PLOTS[0]))
+    written.append(save_png(fig, out_dir / TRAIN_PLOTS[0]))
 
     fig, ax = _figure("mask flip rate per refresh")
     drawn = False
@@ -92,7 +94,7 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
                 transform=ax.transAxes)
     ax.set_xlabel("step")
     ax.set_ylabel("fraction of mask bits changed")
-    written.append(_save(fig, out_dir / TRAIN_PLOTS[1]))
+    written.append(save_png(fig, out_dir / TRAIN_PLOTS[1]))
 
     fig, ax = _figure("schedules: SR-STE decay λ(t) and learning rate")
     xs, lam = _series(history, "lam")
@@ -103,7 +105,7 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
     xs, lr = _series(history, "lr")
     ax2.plot(xs, lr, color="tab:blue", label="lr")
     ax2.set_ylabel("lr", color="tab:blue")
-    written.append(_save(fig, out_dir / TRAIN_PLOTS[2]))
+    written.append(save_png(fig, out_dir / TRAIN_PLOTS[2]))
 
     xs, ys = _series(history, "val_ppl")
     if xs:  # only with train.eval_every
@@ -112,7 +114,7 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
         ax.set_xlabel("step")
         ax.set_ylabel("perplexity")
         ax.set_yscale("log")
-        written.append(_save(fig, out_dir / VAL_PLOT))
+        written.append(save_png(fig, out_dir / VAL_PLOT))
     return written
 
 
@@ -127,4 +129,4 @@ def perplexity_plot(metrics: dict[str, Any], out_dir: Path) -> list[Path]:
     for bar, v in zip(bars, values):
         ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
     ax.set_ylabel("perplexity")
-    return [_save(fig, out_dir / EVAL_PLOTS[0])]
+    return [save_png(fig, out_dir / EVAL_PLOTS[0])]

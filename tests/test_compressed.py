@@ -13,7 +13,8 @@ from ast_core.compressed import (CompressionError, _ranked_positions, _select_po
 from ast_core.masks import magnitude_score, nm_mask
 from ast_core.models import load_model
 from ast_core.slorb import add_slorb
-from ast_core.sparse import sparse_layers, sparsify
+from ast_core.sparse import sparse_layers
+from support import tiny
 
 _INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
 
@@ -133,11 +134,7 @@ def _plain_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -
 
 
 def _sparse_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
-    model = _plain_model(spec, dtype, seed)
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
-    return model
+    return tiny.magnitude_sparse(_plain_model(spec, dtype, seed))
 
 
 def test_save_load_compressed_reproduces_logits_exactly(tmp_path) -> None:

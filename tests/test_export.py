@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 
 from ast_core.adapter import AdapterError, check_adapter, load_exported
 from ast_core.export import ExportError, export_hf, exported_adapter, load_sparse, verify_hf_dir, verify_model
-from ast_core.masks import magnitude_score, nm_mask
 from ast_core.models import load_model, load_tokenizer
 from ast_core.slorb import add_slorb, fold_is_exact, slorb_layers
-from ast_core.sparse import SparseLinear, sparse_layers, sparsify
+from ast_core.sparse import SparseLinear, sparse_layers
+from support import tiny
 
 IDS = torch.tensor([[5, 17, 923, 4000, 12, 7, 301, 88, 2, 999, 45, 6]])
 
@@ -31,11 +31,7 @@ _BASE: dict[str, torch.nn.Module] = {}
 def _sparse_model(spec: str) -> torch.nn.Module:
     if spec not in _BASE:
         _BASE[spec] = load_model(spec)
-    model = copy.deepcopy(_BASE[spec])
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
-    return model
+    return tiny.magnitude_sparse(copy.deepcopy(_BASE[spec]))
 
 
 def _logits(model: torch.nn.Module) -> torch.Tensor:

@@ -13,9 +13,9 @@ import torch
 from ast_core import kernels
 from ast_core.kernels import (KernelsUnavailable, compare_outputs, cuda_available, kernel_report, speed_table,
                               speed_table_markdown, to_semi_structured)
-from ast_core.masks import magnitude_score, nm_mask
 from ast_core.models import load_model
-from ast_core.sparse import densify, sparse_layers, sparsify
+from ast_core.sparse import densify, sparse_layers
+from support import tiny
 
 HAS_CUDA = cuda_available()[0]
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason=cuda_available()[1])
@@ -104,10 +104,7 @@ def test_bench_script_skips_without_cuda_and_writes_nothing(monkeypatch: pytest.
 
 @needs_cuda
 def test_semi_structured_model_matches_dense_masked_model_on_gpu() -> None:
-    model = load_model("tiny:llama", dtype=torch.bfloat16)
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
+    model = tiny.magnitude_sparse(load_model("tiny:llama", dtype=torch.bfloat16))
     model.to("cuda")
     dense = copy.deepcopy(model)
     densify(dense)
@@ -128,10 +125,7 @@ def test_speed_table_rows_are_checked_against_dense_on_gpu() -> None:
 
 @needs_cuda
 def test_kernel_report_covers_every_layer_shape_and_leaves_the_model(tmp_path: Path) -> None:
-    model = load_model("tiny:llama")
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
+    model = tiny.magnitude_sparse(load_model("tiny:llama"))
     report = kernel_report(model, [16], tmp_path, iters=3)
     assert {(r["out"], r["in"]) for r in report["rows"]} == {(64, 64), (32, 64), (128, 64), (64, 128)}
     assert report["converted"] == 14 and report["logit_diff"]["max_rel"] < 2e-2

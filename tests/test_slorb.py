@@ -10,7 +10,8 @@ from ast_core.masks import magnitude_score, nm_mask
 from ast_core.models import load_model
 from ast_core.slorb import (SLoRB, SLoRBError, add_slorb, fold_is_exact, folded_weight, group_sum_matrix,
                             load_slorb_state, remove_slorb, slorb_parameter_count, slorb_state)
-from ast_core.sparse import SparseLinear, sparse_layers, sparsify
+from ast_core.sparse import SparseLinear, sparse_layers
+from support import tiny
 
 
 def _pruned_layer(out_f: int = 12, in_f: int = 32, dtype: torch.dtype = torch.float64) -> SparseLinear:
@@ -25,11 +26,7 @@ def _dense_out(layer: SparseLinear, x: torch.Tensor) -> torch.Tensor:
 
 
 def _sparse_tiny(spec: str = "tiny:llama", seed: int = 0) -> nn.Module:
-    model = load_model(spec, seed=seed)
-    sparsify(model)
-    for _, layer in sparse_layers(model):
-        layer.set_mask(nm_mask(magnitude_score(layer.weight)))
-    return model
+    return tiny.magnitude_sparse(load_model(spec, seed=seed))
 
 
 def test_mean_init_reproduces_dense_output_for_group_constant_inputs() -> None:

@@ -17,12 +17,17 @@ from ast_core.slorb import add_slorb
 from ast_core.sparse import sparse_layers, sparsify
 
 
-def student(slorb: bool = True, seed: int = 0) -> torch.nn.Module:
-    """The tiny sparse student: magnitude 2:4 masks, SLoRB k = 16 unless ``slorb=False``."""
-    model = load_model("tiny:llama", seed=seed)
+def magnitude_sparse(model: torch.nn.Module) -> torch.nn.Module:
+    """``model`` with its linears made sparse, each masked 2:4 by weight magnitude (in place; returned)."""
     sparsify(model)
     for _, layer in sparse_layers(model):
         layer.set_mask(nm_mask(magnitude_score(layer.weight)))
+    return model
+
+
+def student(slorb: bool = True, seed: int = 0) -> torch.nn.Module:
+    """The tiny sparse student: magnitude 2:4 masks, SLoRB k = 16 unless ``slorb=False``."""
+    model = magnitude_sparse(load_model("tiny:llama", seed=seed))
     if slorb:
         add_slorb(model, 16)
     return model
