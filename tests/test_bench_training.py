@@ -140,7 +140,7 @@ def test_decay_sweep_end_to_end_on_tiny(tmp_path: Path, one_thread: None) -> Non
 
     assert report["best"]["ppl"] == min(r["ppl"] for r in rows)
     md = (out / "sweep.md").read_text()
-    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| λ_max")]
+    table = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith(("| λ_max", "| ---"))]
     assert [float(line.split("|")[3]) for line in table] == sorted(round(r["ppl"], 2) for r in rows)
     assert "Best:" in md and "λ_max × steps" in md and "python -m bench.decay_sweep" in md
     for png in ("sweep.png", "sweep_flips.png", "sweep_ratio.png"):
