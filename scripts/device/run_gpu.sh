@@ -63,8 +63,10 @@ timeout -s INT "$INFERENCE_TIMEOUT" $PY -m bench.gpu_inference --out-dir "$OUT" 
     || echo "gpu_inference exited $? (results so far are in $OUT/gpu_inference.json)"
 
 # 3. the ladder on the real weights, in what is left of the call
-if [ "$WEIGHTS_OK" = 1 ]; then
-    REMAIN=$(left)
+REMAIN=$(left)
+if [ "$WEIGHTS_OK" = 1 ] && [ "$REMAIN" -lt 120 ]; then
+    echo "== ladder skipped: only ${REMAIN} s left of TOTAL_S=${TOTAL_S}"
+elif [ "$WEIGHTS_OK" = 1 ]; then
     echo "== ladder: ${REMAIN} s left, ${SECONDS_PER_RUNG} s per rung"
     timeout -s INT "$REMAIN" $PY -m bench.gpu_ladder run --data .device/data --model embedded:smollm2-135m \
         --device cuda --seconds-per-rung "$SECONDS_PER_RUNG" --out-dir "$OUT" \
