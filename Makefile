@@ -69,3 +69,17 @@ up: setup
 
 down:
 	bash scripts/down.sh
+
+# GPU run of issue #18 (docs/GPU.md): everything the device machine needs, prepared here in git-ignored
+# folders: .whl (gguf, pydantic stack, torchao wheels), .device/weights/part-{0,1} (the embedded GGUF in two
+# sha256-checked parts), .device/data (C4 sample + WikiText-2 test as uint16 token arrays).
+GPU_WHEELS := gguf==0.19.0 pydantic==2.14.4 pydantic-core==2.50.5 typing-inspection==0.4.5 \
+              annotated-types==0.8.0 typing-extensions==4.16.0 torchao==0.18.0
+.PHONY: gpu-prep
+gpu-prep: setup
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 \
+	  --platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+	$(BIN)/python scripts/device/pack_weights.py pack --out .device/weights
+	$(BIN)/python -m bench.gpu_ladder prepare --out .device/data
+	@du -sh .whl .device/weights/part-0 .device/weights/part-1 .device/data
