@@ -44,7 +44,8 @@ clean:
 # Budgets are CPU-sized (SmolLM2 trains at ~70-100 tokens/s on 2 cores): the ladder 40 steps x 4x128
 # tokens per method, the sweep, cache-format and SLoRB-init runs 40 steps each; on a GPU raise --steps
 # (e.g. 1000x). Expected wall time on 2 CPU cores: about 3.5 hours (ladder ~40 min, sweep ~45, cache
-# formats ~45, SLoRB init ~20, step overhead ~5, compression ~1). Each benchmark skips runs already done
+# formats ~45, SLoRB init ~20, step overhead ~5, compression ~1), then the fair ladder: 31 jobs of
+# 10-40 min each (it is the long one; see docs/RESULTS.md). Each benchmark skips runs already done
 # (artifacts/bench/), so an interrupted `make bench` continues where it stopped.
 # The GPU table (bench/gpu_kernels.py) needs a CUDA machine and is not re-run here.
 .PHONY: bench-report
@@ -55,6 +56,8 @@ bench: setup
 	$(BIN)/python -m bench.ladder --steps 40
 	$(BIN)/python -m bench.decay_sweep
 	$(BIN)/python -m bench.slorb_init
+	$(BIN)/python -m bench.train_throughput
+	$(BIN)/python -m bench.fair_ladder
 	$(BIN)/python -m bench.report
 
 # Only rebuild docs/RESULTS.md from the results already in bench/results.
