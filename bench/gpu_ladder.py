@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import hashlib
 import json
-import math
 import platform
 import statistics
 import sys
@@ -49,18 +47,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
-import torch  # noqa: E402
-
-from ast_core.atomic import atomic_write_text  # noqa: E402
+from ast_core.atomic import atomic_write_text
+from ast_core.integrity import sha256_file
 from ast_core.perplexity import perplexity  # noqa: E402
 from ast_core.recipe import prepare_student  # noqa: E402
 from ast_core.refresh import snapshot_masks  # noqa: E402
 from ast_core.sparse import sparse_layers  # noqa: E402
 from ast_core.train import OnlineTeacher, train  # noqa: E402
-from bench.fair_ladder import CONTROL, rung_overrides, summarize, table, verdicts  # noqa: E402
+from bench.fair_ladder import rung_overrides, summarize, table, verdicts  # noqa: E402
 from bench.ladder import resolve_params  # noqa: E402
 from bench.runner import stamp, write_json  # noqa: E402
 from tasks.config import PipelineConfig, load_config  # noqa: E402
@@ -73,14 +69,6 @@ TARGET_TOKENS = 10_000_000
 
 # ----------------------------------------------------------------------------- data (here, once)
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_data(out: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -> dict[str, Any]:
     """Save the four arrays as .npy plus ``manifest.json`` (shapes, dtypes, sha256 of every file)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +76,7 @@ def write_data(out: Path, arrays: dict[str, np.ndarray], meta: dict[str, Any]) -
     for name in DATA_FILES:
         path = out / f"{name}.npy"
         np.save(path, arrays[name])
-        files[name] = {"file": path.name, "sha256": _sha256(path), "bytes": path.stat().st_size,
+        files[name] = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
                        "shape": list(arrays[name].shape), "dtype": str(arrays[name].dtype)}
     manifest = {**meta, "files": files}
     atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=2) + "\n")
@@ -102,7 +90,7 @@ def load_data(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     for name in DATA_FILES:
         entry = manifest["files"][name]
         f = path / entry["file"]
-        got = _sha256(f)
+        got = sha256_file(f)
         if got != entry["sha256"]:
             raise SystemExit(f"{f}: sha256 {got} != manifest {entry['sha256']} (re-run `prepare` here)")
         arrays[name] = np.load(f)

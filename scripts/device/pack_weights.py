@@ -35,14 +35,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST = "manifest.json"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+if str(REPO) not in sys.path:  # a script run from anywhere (the GPU machine too): ast_core from this checkout
+    sys.path.insert(0, str(REPO))
+from ast_core.integrity import sha256_file  # noqa: E402
 
 
 def tensor_digest(model_dir: Path) -> dict[str, Any]:
