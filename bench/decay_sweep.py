@@ -36,7 +36,7 @@ from ast_core.atomic import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.ladder import (bench_parser, budget_of, command_line, curve, fail, resolve_params, run_bench,  # noqa: E402
                           train_seconds)
-from bench.runner import Variant, stamp, write_json  # noqa: E402
+from bench.runner import Variant, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig  # noqa: E402
 from bench.report import Body, fmt  # noqa: E402
@@ -106,6 +106,8 @@ def build_report(rows: list[dict[str, Any]], *, cfg: PipelineConfig, params: str
         "stamp": stamp_, "params": params, "model": cfg.model.student, "command": command,
         "method": cfg.train.method, "budget": budget, "refresh_every": cfg.train.refresh_every,
         "refresh_score": cfg.train.refresh_score,
+        "teacher_cache": {"enabled": cfg.teacher_cache.enabled, "format": cfg.teacher_cache.format,
+                          "k": cfg.teacher_cache.k, "samples": cfg.teacher_cache.samples},
         "evaluation": {"seq_len": cfg.evaluate.seq_len, "max_windows": cfg.evaluate.max_windows,
                        "zero_shot": cfg.evaluate.zero_shot.enabled, "val_blocks": cfg.data.val_blocks,
                        "val_seq_len": cfg.data.seq_len, "val_every": cfg.train.eval_every},
@@ -306,7 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [sweep_row(v.name, meta, run.results[v.name].metrics, run.results[v.name].history, run.budget["steps"])
             for v, meta in runs]
     report = build_report(rows, cfg=run.cfg, params=args.params, command=command_line("decay_sweep.py", argv),
-                          stamp_=stamp(), wall_s=run.wall_s)
+                          stamp_=run.stamp, wall_s=run.wall_s)
     written = write_outputs(report, args.out_dir)
     print(sweep_table(rows), end="")
     print(best_line(report))

@@ -35,7 +35,6 @@ import contextlib
 import copy
 import inspect
 import json
-import math
 import os
 import platform
 import statistics

@@ -101,6 +101,7 @@ class BenchRun:
     budget: dict[str, int]
     results: dict[str, VariantResult]
     wall_s: float
+    stamp: dict  # taken when the runs started (the commit they ran), with the resolved config
 
 
 def run_bench(label: str, params: str, steps: int, settings: list[str], overrides: list[str],
@@ -114,10 +115,11 @@ def run_bench(label: str, params: str, steps: int, settings: list[str], override
     b = budget_of(cfg)
     print(f"{label}: {cfg.model.student}, {what}, {b['steps']} steps × {b['batch']}×{b['seq_len']} "
           f"= {b['tokens']:,} tokens each; work {work}", flush=True)
+    started = {**stamp(), "config": cfg.model_dump(mode="json")}
     start = time.perf_counter()
     results = run_all(params, base, variants, Path(work).resolve(), stages=STAGES,
                       log=lambda msg: print(msg, flush=True))
-    return BenchRun(cfg, b, results, time.perf_counter() - start)
+    return BenchRun(cfg, b, results, time.perf_counter() - start, started)
 
 
 def budget_of(cfg: PipelineConfig) -> dict[str, int]:
@@ -389,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, StageError) as err:
         return fail(err)
     report = build_report(as_runs(run.results), cfg=run.cfg, params=args.params,
-                          command=command_line("ladder.py", argv), stamp_=stamp(), wall_s=run.wall_s)
+                          command=command_line("ladder.py", argv), stamp_=run.stamp, wall_s=run.wall_s)
     written = write_outputs(report, args.out_dir)
     print(ladder_table(report["rows"]), end="")
     print("wrote " + ", ".join(str(p) for p in written), flush=True)

@@ -29,7 +29,7 @@ from ast_core.atomic import atomic_write_text  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.ladder import (bench_parser, budget_of, command_line, curve, fail, resolve_params,  # noqa: E402
                           run_bench, train_seconds)
-from bench.runner import Variant, stamp, write_json  # noqa: E402
+from bench.runner import Variant, write_json  # noqa: E402
 from tasks.common import StageError  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig  # noqa: E402
 from bench.report import Body, default_image, fmt, heading, stamp_line  # noqa: E402
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [row(v.name, run.results[v.name].metrics, run.results[v.name].history, run.budget["steps"])
             for v in variants]
     report = build_report(rows, cfg=run.cfg, params=args.params, command=command_line("slorb_init.py", argv),
-                          stamp_=stamp(), wall_s=run.wall_s)
+                          stamp_=run.stamp, wall_s=run.wall_s)
     written = write_outputs(report, args.out_dir)
     for r in rows:
         print(f"{r['label']:>34}: val ppl {r['val_ppl_start']} -> {r['val_ppl_end']}, WikiText-2 {r['ppl']}")
