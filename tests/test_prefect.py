@@ -167,8 +167,9 @@ def test_methods_share_prepare_and_cache_without_sharing_their_markers(tmp_path)
     (shared.stage_dir("cache-teacher") / "cache").mkdir(parents=True)
     (shared.stage_dir("cache-teacher") / "cache" / "shard.npy").write_text("targets")
     method = RunContext.create(load_config(TINY, ["train.method=naive"]), tmp_path / "naive")
-    cmp.link_shared(shared, method)
-    cmp.link_shared(shared, method)  # idempotent: a re-run of compare links nothing twice
+    from tasks.shared import link_shared  # what the compare flow's open_variant links with
+    link_shared(shared, method)
+    link_shared(shared, method)  # idempotent: a re-run of compare links nothing twice
 
     train = method.stage_dir("prepare") / "train.npy"
     assert train.is_symlink() and not os.path.isabs(os.readlink(train)) and train.read_text() == "tokens"
@@ -331,3 +332,16 @@ def test_prefect_retries_a_flaky_prepare_but_never_a_diverged_training(prefect_s
         state = probe(return_state=True)
     assert state.is_failed()
     assert attempts == {"prepare": 3, "train": 1}
+
+
+def test_open_variant_claims_its_directory_and_links_the_shared_base(tmp_path) -> None:
+    """The compare flow and the benchmarks open a method's directory the same way (tasks.shared)."""
+    from tasks.shared import open_variant
+    cfg = load_config(TINY)
+    shared = RunContext.create(cfg, tmp_path / "shared")
+    (shared.stage_dir("prepare")).mkdir(parents=True)
+    (shared.stage_dir("prepare") / "train.npy").write_text("tokens")
+    ctx = open_variant(shared, load_config(TINY, ["train.method=naive"]), tmp_path, "naive")
+    assert json.loads((ctx.out / "run.json").read_text())["config"]["train"]["method"] == "naive"
+    assert (ctx.stage_dir("prepare") / "train.npy").is_symlink()
+    assert not (ctx.out / "run.lock").exists()  # the lock is released (and its file removed) after claiming
