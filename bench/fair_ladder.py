@@ -58,6 +58,12 @@ PAPER_LAMBDA, PAPER_STEPS = 1e-4, 40_000
 ONE_SHOT = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt")
 AST_CHOICES = ("ast-paper", "ast-official", "ast-default")  # "AST in its best setting" is one of these
 CONTROL = "fixed-kd"
+CONTROL_U2 = "fixed-kd-u2"
+
+
+def control_of(rung: str) -> str:
+    """The fixed-mask rung a rung is compared with: the one with the same second-moment form."""
+    return CONTROL_U2 if "train.second_moment=update" in rung_overrides(rung, 40) else CONTROL
 
 
 def rung_overrides(name: str, steps: int) -> list[str]:
@@ -71,6 +77,9 @@ def rung_overrides(name: str, steps: int) -> list[str]:
         "oneshot-sparsegpt": ["train.method=oneshot-sparsegpt"],
         "naive": ["train.method=naive"],
         "fixed-kd": ["train.method=fixed-kd"],
+        # the control for the rungs whose optimizer's v tracks u² (the paper's form): with λ = 0 that form
+        # changes the kept weights' steps too, so it needs its own fixed-mask control
+        "fixed-kd-u2": ["train.method=fixed-kd", "train.second_moment=update"],
         "ast-paper": ["train.method=ast-naive", "train.refresh_score=magnitude", *paper],
         "ast-official": ["train.method=ast-naive", "train.refresh_score=wanda", *paper],
         # the preset's own AST settings; T0 kept at the preset's share of the steps (50%)
@@ -85,7 +94,7 @@ def rung_overrides(name: str, steps: int) -> list[str]:
     return table[name]
 
 
-RUNGS = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt", "naive", "fixed-kd",
+RUNGS = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt", "naive", "fixed-kd", "fixed-kd-u2",
          "ast-paper", "ast-official", "ast-default", "ast-boosted-mean", "ast-boosted-lstsq")
 
 
@@ -114,11 +123,13 @@ class Job:
 def plan(seeds: list[int], budgets: list[int], best: str | None) -> list[Job]:
     """Jobs in priority order: what decides the question first, then the larger budgets, then the rest."""
     small, larger = budgets[0], budgets[1:]
-    decisive = (CONTROL, "ast-paper", "ast-default", "ast-official")
+    decisive = (CONTROL, "ast-paper", "ast-default", CONTROL_U2, "ast-official")
     jobs = [Job(small, s, r) for s in seeds for r in decisive]
     jobs += [Job(small, seeds[0], r) for r in ("dense", "oneshot-sparsegpt")]
     for b in larger:  # one seed at the larger budgets
-        jobs += [Job(b, seeds[0], r) for r in dict.fromkeys((CONTROL, "ast-paper", best or "ast-default"))]
+        best_ = best or "ast-default"
+        jobs += [Job(b, seeds[0], r) for r in dict.fromkeys((control_of("ast-paper"), "ast-paper",
+                                                              control_of(best_), best_))]
     jobs += [Job(small, seeds[0], r) for r in ("oneshot-wanda", "oneshot-magnitude")]
     jobs += [Job(small, s, r) for s in seeds for r in ("naive", "ast-boosted-lstsq", "ast-boosted-mean")]
     return list(dict.fromkeys(jobs))
@@ -130,6 +141,15 @@ def job_config(params: str, job: Job, args: argparse.Namespace) -> tuple[list[st
     base = [*base_overrides(job.steps, job.seed, args.windows, args.calib_blocks, args.val_blocks, batch),
             *args.overrides]
     return base, load_config(params, [*base, *rung_overrides(job.rung, job.steps)])
+
+
+def parse_job(key: str) -> Job:
+    """``s40-seed0-fixed-kd`` → Job(40, 0, "fixed-kd"); a bad key is a ConfigError naming it."""
+    import re
+    m = re.fullmatch(r"s(\d+)-seed(\d+)-(.+)", key)
+    if not m or m.group(3) not in RUNGS:
+        raise ConfigError(f"--jobs: {key!r} is not sSTEPS-seedN-RUNG with a rung of {', '.join(RUNGS)}")
+    return Job(int(m.group(1)), int(m.group(2)), m.group(3))
 
 
 def git_commit() -> str | None:
@@ -177,11 +197,13 @@ def best_ast(results: list[dict], steps: int) -> str | None:
 
 
 def summarize(results: list[dict]) -> list[dict[str, Any]]:
-    """One row per (budget, rung): ppl mean ± sd over seeds, per-seed ppl + CI, ratio to fixed-kd (paired)."""
+    """One row per (budget, rung): ppl mean ± sd over seeds, per-seed ppl + CI, ratio to its fixed-mask control
+    (``fixed-kd``, or ``fixed-kd-u2`` for rungs whose v tracks u², when it has run), paired on windows."""
     by: dict[tuple[int, str], list[dict]] = {}
     for r in results:
         by.setdefault((r["job"]["steps"], r["job"]["rung"]), []).append(r)
-    ref = {(r["job"]["steps"], r["job"]["seed"]): r for r in results if r["job"]["rung"] == CONTROL}
+    ref = {(r["job"]["steps"], r["job"]["seed"], r["job"]["rung"]): r for r in results
+           if r["job"]["rung"] in (CONTROL, CONTROL_U2)}
     dense = next((r["metrics"]["ppl_wikitext2_dense"] for r in results if "ppl_wikitext2_dense" in r["metrics"]),
                  None)
     sgpt = [r["metrics"]["ppl_wikitext2"] for r in results if r["job"]["rung"] == "oneshot-sparsegpt"]
@@ -191,9 +213,12 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
         ppls = [r["metrics"]["ppl_wikitext2"] for r in rs]
         mean, sd = mean_sd(ppls)
         ratios = []
+        control = control_of(rung) if rung in RUNGS else CONTROL
+        if not any((steps, r["job"]["seed"], control) in ref for r in rs):
+            control = CONTROL  # its own control not run (yet): compare with plain fixed-kd, and say so
         for r in rs:
-            c = ref.get((steps, r["job"]["seed"]))
-            if c is not None and rung != CONTROL and r["metrics"].get("ppl_window_nll") \
+            c = ref.get((steps, r["job"]["seed"], control))
+            if c is not None and rung != control and r["metrics"].get("ppl_window_nll") \
                     and c["metrics"].get("ppl_window_nll"):
                 ratios.append(ppl_ratio_interval(r["metrics"]["ppl_window_nll"], c["metrics"]["ppl_window_nll"]))
         cum, per = zip(*(mask_change(r["history"]) for r in rs))
@@ -205,6 +230,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
             "ppl": ppls, "ppl_mean": mean, "ppl_sd": sd,
             "ppl_ci95": [r["metrics"].get("ppl_wikitext2_ci95") for r in rs],
             "windows": rs[0]["metrics"].get("ppl_windows"),
+            "control": control,
             "ratio_to_control": ratios,
             "gap_closed": gap_closed(mean, sgpt[0] if sgpt else None, dense),
             "val_ppl_mean": sum(vals) / len(vals) if vals else None,
@@ -216,7 +242,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
-    """Per budget and AST rung: better / worse / no measurable difference vs fixed-kd.
+    """Per budget and AST rung: better / worse / no measurable difference vs its fixed-mask control.
 
     "better" only when every seed's paired 95% interval of ppl / fixed-kd lies below 1 (and
     "worse" above 1); anything else, including a single seed whose interval straddles 1, is
@@ -231,7 +257,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         mean = sum(x for x, _, _ in r["ratio_to_control"]) / len(r["ratio_to_control"])
         word = ("better than" if max(his) < 1 else "worse than" if min(los) > 1
                 else "no measurable difference from")
-        out.append(f"{r['tokens']:,} tokens, {r['rung']}: {word} fixed-kd (ppl ratio {mean:.3f}, "
+        out.append(f"{r['tokens']:,} tokens, {r['rung']}: {word} {r.get('control', CONTROL)} (ppl ratio {mean:.3f}, "
                    f"{len(his)} seed(s), paired 95% intervals {', '.join(f'[{lo:.3f}, {hi:.3f}]' for lo, hi in zip(los, his))})")
     return out
 
@@ -242,14 +268,15 @@ def _f(v: float | None, spec: str) -> str:
 
 def table(rows: list[dict[str, Any]]) -> str:
     head = ["budget (tokens)", "rung", "seeds", "WikiText-2 ppl (mean ± sd)", "per seed [95% CI]",
-            "ppl / fixed-kd, paired [95% CI]", "gap closed vs SparseGPT", "C4 val ppl",
+            "ppl / its fixed-mask control, paired [95% CI]", "gap closed vs SparseGPT", "C4 val ppl",
             "mask change vs initial", "flips per refresh", "tokens/s"]
     body = []
     for r in rows:
         sd = f" ± {r['ppl_sd']:.2f}" if r["ppl_sd"] is not None else ""
         per = "; ".join(f"{p:.2f}" + (f" [{c[0]:.2f}, {c[1]:.2f}]" if c else "")
                         for p, c in zip(r["ppl"], r["ppl_ci95"]))
-        ratio = "; ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, lo, hi in r["ratio_to_control"]) or "—"
+        ratio = ("; ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, lo, hi in r["ratio_to_control"])
+                 + f" (vs {r.get('control', CONTROL)})") if r["ratio_to_control"] else "—"
         cum = ", ".join(f"{c:.2%}" for c in r["mask_change_vs_init"]) if r["mask_change_vs_init"] else "—"
         per_r = ", ".join(f"{c:.3%}" for c in r["flip_per_refresh"]) if r["flip_per_refresh"] else "—"
         body.append([f"{r['tokens']:,}", r["rung"], ",".join(map(str, r["seeds"])), f"{r['ppl_mean']:.2f}{sd}", per,
@@ -268,12 +295,14 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
     pics = [image("fair_ladder_budget.png", "WikiText-2 perplexity vs training tokens per rung"),
             image("fair_ladder.png", "C4 validation perplexity vs training tokens")] if image else []
     return "\n".join([
-        f"Started {report['started']} at commit {report['commit_at_start']} on {s['machine']} (torch {s['torch']}, "
+        f"Jobs ran at commit(s) {', '.join(sorted({j['commit_at_start'][:7] for j in report.get('jobs', []) if j.get('commit_at_start')})) or report['commit_at_start']} "
+        f"(each job's commit and resolved config are in fair_ladder.json); report built {report['started']} on {s['machine']} (torch {s['torch']}, "
         f"{s['threads']} threads); params `{report['params']}`; {report['done']} of {report['planned']} planned "
         "jobs finished.",
         "",
         f"Evaluation: WikiText-2 test, {report['windows'] or 'all'} windows × {report['eval_seq_len']} tokens; intervals are 95% bootstrap "
-        "intervals over windows; the ratio to fixed-kd is paired on the same windows and the same seed. "
+        "intervals over windows; the ratio to the fixed-mask control (fixed-kd; fixed-kd-u2 for the rungs whose "
+        "optimizer tracks u², once it has run) is paired on the same windows and the same seed. "
         f"One-shot calibration: {report['calib_blocks']} blocks × {report['seq_len']} tokens. "
         "\"AST in its best setting\" for the larger budgets is chosen on C4 validation perplexity "
         f"(held-out blocks), never on the test split: **{report['best_ast']}**.",
@@ -345,6 +374,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--work", type=Path, default=WORK / "fair_ladder")
     ap.add_argument("--max-jobs", type=int, default=None, help="stop after this many new jobs")
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from finished jobs")
+    ap.add_argument("--jobs", nargs="+", default=None, metavar="KEY",
+                    help="run these jobs first, in this order (keys as s40-seed0-fixed-kd), then stop")
     return ap.parse_args(argv)
 
 
@@ -364,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
             jobs = plan(args.seeds, args.steps, best)
             write_report(results, args, len(jobs), commit, started, best, params)
             todo = [j for j in jobs if j.key not in done]
+            if args.jobs is not None:
+                todo = [parse_job(k) for k in args.jobs if k not in done]
             if args.report_only or not todo or (args.max_jobs is not None and ran >= args.max_jobs):
                 break
             job = todo[0]

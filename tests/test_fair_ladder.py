@@ -23,6 +23,9 @@ def test_rungs_differ_only_in_what_they_claim_to() -> None:
     # the paper's λ_max = 1e-4 over 40k steps, kept as λ·steps at 40 steps; T0 = 25 %; v tracks u²
     assert paper.lambda_max == pytest.approx(0.1) and paper.t0 == 10 and paper.second_moment == "update"
     assert paper.refresh_score == "magnitude" and cfgs["ast-official"].train.refresh_score == "wanda"
+    u2 = cfgs["fixed-kd-u2"].train  # the control of the u² rungs differs from fixed-kd in that form only
+    assert u2.second_moment == "update" and not u2.spec.adaptive and fl.control_of("ast-official") == "fixed-kd-u2"
+    assert fl.control_of("ast-default") == "fixed-kd"
     assert {c.data.calib_blocks for c in cfgs.values()} == {256}  # one calibration for every rung
     assert cfgs["oneshot-sparsegpt"].evaluate.max_windows == 128
     with pytest.raises(Exception, match="unknown rung"):
@@ -31,13 +34,19 @@ def test_rungs_differ_only_in_what_they_claim_to() -> None:
 
 def test_plan_puts_the_decisive_rungs_first_and_takes_the_best_ast_to_larger_budgets() -> None:
     jobs = fl.plan([0, 1, 2], [40, 160], best="ast-official")
-    first = [(j.steps, j.seed, j.rung) for j in jobs[:12]]
-    assert first[:4] == [(40, 0, "fixed-kd"), (40, 0, "ast-paper"), (40, 0, "ast-default"), (40, 0, "ast-official")]
+    first = [(j.steps, j.seed, j.rung) for j in jobs[:15]]
+    assert first[:5] == [(40, 0, "fixed-kd"), (40, 0, "ast-paper"), (40, 0, "ast-default"), (40, 0, "fixed-kd-u2"),
+                         (40, 0, "ast-official")]
     assert {(j.seed, j.rung) for j in jobs if j.steps == 40 and j.rung == "fixed-kd"} == {(0, "fixed-kd"),
                                                                                          (1, "fixed-kd"),
                                                                                          (2, "fixed-kd")}
-    big = [j.rung for j in jobs if j.steps == 160]
-    assert big == ["fixed-kd", "ast-paper", "ast-official"] and len({j.key for j in jobs}) == len(jobs)
+    big = [j.rung for j in jobs if j.steps == 160]  # each AST rung with the control of its optimizer form
+    assert big == ["fixed-kd-u2", "ast-paper", "ast-official"] and len({j.key for j in jobs}) == len(jobs)
+    assert [j.rung for j in fl.plan([0], [40, 160], best="ast-default") if j.steps == 160] == [
+        "fixed-kd-u2", "ast-paper", "fixed-kd", "ast-default"]
+    assert fl.parse_job("s160-seed2-fixed-kd-u2") == fl.Job(160, 2, "fixed-kd-u2")
+    with pytest.raises(Exception, match="sSTEPS-seedN-RUNG"):
+        fl.parse_job("s40-seed0-nope")
 
 
 def _job(rung: str, seed: int, ppl: float, val: float, nll: list[float], steps: int = 40) -> dict:
@@ -71,6 +80,7 @@ def test_best_setting_is_chosen_on_validation_and_verdicts_need_every_seed() -> 
     text = "\n".join(fl.verdicts(rows))
     assert "ast-paper: better than fixed-kd" in text  # both seeds' paired intervals below 1
     assert "ast-default: no measurable difference from fixed-kd" in text  # one seed straddles 1
+    assert by["ast-paper"]["control"] == "fixed-kd"  # its own control (fixed-kd-u2) has not run: said so
 
 
 def test_a_small_ladder_runs_resumes_and_reports(tmp_path: Path) -> None:
