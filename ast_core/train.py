@@ -197,7 +197,11 @@ def validation_loss(model: torch.nn.Module, blocks: np.ndarray, batch_size: int 
 
 
 def make_optimizer(model: torch.nn.Module, cfg: LoopConfig) -> ASTAdamW:
-    masks = masks_for(model) if cfg.adaptive else None
+    """AST-AdamW over the model. The masks go to the optimizer when the method adapts them, and
+    also with ``second_moment: update`` on a fixed mask: there λ = 0, but v still tracks u² = m̃²
+    on the sparse weights, so a fixed-mask run is the exact control of an adaptive run with that
+    form (without the masks it would silently be AdamW)."""
+    masks = masks_for(model) if cfg.adaptive or cfg.second_moment == "update" else None
     return ASTAdamW(build_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2),
                     eps=cfg.eps, weight_decay=cfg.weight_decay, masks=masks, second_moment=cfg.second_moment)
 

@@ -107,6 +107,21 @@ def test_fixed_kd_distils_like_ast_but_keeps_mask_and_pruned_weights_undecayed(t
     assert ra.last_flip is not None and ra.last_flip.changed_init > 0
 
 
+def test_fixed_kd_with_the_update_form_is_its_own_optimizer_and_keeps_the_mask(tmp_path: Path, blocks,
+                                                                               teacher) -> None:
+    """second_moment: update on a fixed mask: v tracks m̃² on the sparse weights (the control of an adaptive
+    run with that form), so the weights differ from the gradient form; the mask stays the initial one."""
+    runs = {}
+    for form in ("gradient", "update"):
+        model = _student(boosted=False)
+        before = {n: l.mask.clone() for n, l in sparse_layers(model)}
+        train(model, blocks, _cfg(method="fixed-kd", second_moment=form), seed=0, teacher=OnlineTeacher(teacher),
+              checkpoint_dir=tmp_path / form, progress=False)
+        assert all(torch.equal(before[n], l.mask) for n, l in sparse_layers(model))
+        runs[form] = {n: l.weight.detach().clone() for n, l in sparse_layers(model)}
+    assert any(not torch.equal(runs["gradient"][n], runs["update"][n]) for n in runs["gradient"])
+
+
 def test_training_from_a_topk_cache_with_full_vocab_equals_online_kd(tmp_path: Path, blocks, teacher) -> None:
     """With k = vocab the cache target is the full distribution: same losses as online KD."""
     vocab = teacher.config.vocab_size
