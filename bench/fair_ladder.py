@@ -308,7 +308,11 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
         f"(held-out blocks), never on the test split: **{report['best_ast']}**.",
         "",
         table(report["rows"]),
-        "Verdicts (a rung is better or worse than fixed-kd only when every seed's paired interval excludes 1):",
+        "tokens/s: the mean over a job's training steps as measured, on a machine other jobs shared at times; "
+        "it is not a throughput benchmark (`python -m bench.train_throughput` is).",
+        "",
+        "Verdicts (a rung is better or worse than its fixed-mask control only when every seed's paired interval "
+        "excludes 1):",
         "",
         *[f"- {v}" for v in verdicts(report["rows"])],
         "",

@@ -9,7 +9,7 @@ Two steps, on two machines:
     python -m bench.gpu_ladder run --data .device/data --device cuda --seconds-per-rung 75 --out-dir OUT
 
 Rungs (their settings are :func:`bench.fair_ladder.rung_overrides`, applied to the same
-params preset): ``fixed-kd`` (fixed mask + the same KD: the control), ``ast-paper``
+params preset): ``fixed-kd-u2`` (fixed mask + the same KD and the same u² optimizer: the control), ``ast-paper``
 (magnitude refresh, v tracks u², λ_max = 1e-4·40000/steps, T0 25%), ``ast-default`` (the
 preset's AST settings), and ``oneshot-sparsegpt`` plus ``dense`` as references.
 
@@ -62,7 +62,7 @@ from bench.runner import stamp, write_json  # noqa: E402
 from tasks.config import PipelineConfig, load_config  # noqa: E402
 from tasks.train import recipe_of  # noqa: E402
 
-TRAINED = ("fixed-kd", "ast-paper", "ast-default")
+TRAINED = ("fixed-kd-u2", "ast-paper", "ast-default")  # every AST rung here tracks u²: its control is fixed-kd-u2
 DATA_FILES = ("train", "val", "calib", "wikitext2_test")
 TARGET_TOKENS = 10_000_000
 
@@ -288,13 +288,13 @@ def render(report: dict[str, Any]) -> str:
         + f" the {TARGET_TOKENS:,}-token target.",
         "",
         f"Evaluation: WikiText-2 test, {rows[0]['windows'] if rows else '?'} windows × {report['eval_seq_len']} "
-        "tokens (float32); 95% bootstrap intervals over windows; the ratio to fixed-kd is paired on the same "
+        "tokens (float32); 95% bootstrap intervals over windows; the ratio to the fixed-mask control is paired on the same "
         "windows. One initial Wanda mask for every trained rung "
         f"({report['calib_blocks']} calibration blocks × {report['seq_len']} tokens), one block order, one "
         "online teacher.",
         "",
         table(rows),
-        "Verdicts (better or worse than fixed-kd only when the paired interval excludes 1):",
+        "Verdicts (better or worse than the fixed-mask control only when the paired interval excludes 1):",
         "",
         *[f"- {v}" for v in verdicts(rows)],
         "",
