@@ -131,6 +131,14 @@ def tiny_config(arch: str, vocab_size: int):
                                 pad_token_id=2, **kw)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's ``model.dtype`` name (float32, bfloat16, float16)."""
+    return DTYPES[name]
+
+
 def load_model(spec: str, dtype: torch.dtype = torch.float32, seed: int = 0,
                trust_remote_code: bool = False) -> PreTrainedModel:
     """Load a causal LM in eval mode; tiny and random models are initialised from ``seed``."""

@@ -21,13 +21,12 @@ from safetensors.torch import load_file, save_file
 from .atomic import atomic_path, atomic_write_json
 from .checkpoint import load_model_tensors, state_dict_tensors
 from .integrity import sha256_file, verify_file
-from .models import load_model
+from .models import load_model, torch_dtype
 from .registry import method as method_spec
 from .slorb import add_slorb
 from .sparse import sparsify
 
 WEIGHTS, META = "model.safetensors", "meta.json"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def save_trained(final: Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: dict) -> None:
@@ -56,7 +55,7 @@ def load_trained(final: Path, trust_remote_code: bool = False) -> torch.nn.Modul
     final = Path(final)
     meta = read_meta(final)
     verify_trained(final, meta)
-    model = load_model(meta["student"], _DTYPES[meta["dtype"]], seed=meta["seed"],
+    model = load_model(meta["student"], torch_dtype(meta["dtype"]), seed=meta["seed"],
                        trust_remote_code=trust_remote_code)
     if method_spec(meta["method"]).sparse:
         sparsify(model, meta["n"], meta["m"], meta["exclude"])

@@ -7,11 +7,11 @@ disabled (then training runs the teacher online).
 from __future__ import annotations
 
 from ast_core.integrity import IntegrityError
-from ast_core.models import check_same_tokenizer, load_model, load_tokenizer, tokenizer_fingerprint
+from ast_core.models import check_same_tokenizer, load_model, load_tokenizer, tokenizer_fingerprint, torch_dtype
 from ast_core.teacher_cache import TeacherCache, build_cache, weights_hash
 from ast_core.teacher_cache import fingerprint as cache_fingerprint
 
-from .common import RunContext, StageError, log, torch_dtype
+from .common import RunContext, StageError, log
 from .prepare import load_blocks
 
 

@@ -112,11 +112,6 @@ class RunContext:
         atomic_write_json(marker, {**mine, "config": self.cfg.model_dump(mode="json"), "git_commit": git_commit()})
 
 
-def torch_dtype(name: str):
-    import torch
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
 def configure_threads() -> None:
     """Use every core for intra-op parallelism unless the user said otherwise."""
     import torch

@@ -19,14 +19,14 @@ from ast_core import distributed, sharding
 from ast_core.atomic import atomic_write_text
 from ast_core.checkpoint import state_dict_tensors
 from ast_core.distributed import DistEnv
-from ast_core.models import load_model
+from ast_core.models import load_model, torch_dtype
 from ast_core.recipe import Recipe, prepare_student
 from ast_core.teacher_cache import TeacherCache
 from ast_core.trained import save_trained, verify_trained
 from ast_core.train import CachedTeacher, OnlineTeacher, StepLog, train
 
 from . import cache_teacher
-from .common import RunContext, StageError, hash_json, log, torch_dtype
+from .common import RunContext, StageError, hash_json, log
 from .prepare import load_blocks
 
 
