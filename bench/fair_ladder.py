@@ -75,19 +75,22 @@ def rung_overrides(name: str, steps: int) -> list[str]:
         "oneshot-magnitude": ["train.method=oneshot-magnitude"],
         "oneshot-wanda": ["train.method=oneshot-wanda"],
         "oneshot-sparsegpt": ["train.method=oneshot-sparsegpt"],
-        "naive": ["train.method=naive"],
-        "fixed-kd": ["train.method=fixed-kd"],
+        "naive": ["train.method=naive", "train.second_moment=gradient"],
+        "fixed-kd": ["train.method=fixed-kd", "train.second_moment=gradient"],
         # the control for the rungs whose optimizer's v tracks u² (the paper's form): with λ = 0 that form
         # changes the kept weights' steps too, so it needs its own fixed-mask control
         "fixed-kd-u2": ["train.method=fixed-kd", "train.second_moment=update"],
         "ast-paper": ["train.method=ast-naive", "train.refresh_score=magnitude", *paper],
         "ast-official": ["train.method=ast-naive", "train.refresh_score=wanda", *paper],
-        # the preset's own AST settings; T0 kept at the preset's share of the steps (50%)
-        "ast-default": ["train.method=ast-naive", f"train.t0_steps={max(1, steps // 2)}"],
+        # the library's AST defaults (Wanda refresh, the preset's λ, v tracks (g+λd)², AdamW's form); T0 kept
+        # at the preset's share of the steps (50%). Each rung names its second moment, so the rung means the same
+        # whatever the preset says (smollm2-quick moved to `update` after the first jobs ran)
+        "ast-default": ["train.method=ast-naive", f"train.t0_steps={max(1, steps // 2)}",
+                        "train.second_moment=gradient"],
         "ast-boosted-mean": ["train.method=ast-boosted", "train.slorb_init=mean",
-                             f"train.t0_steps={max(1, steps // 2)}"],
+                             f"train.t0_steps={max(1, steps // 2)}", "train.second_moment=gradient"],
         "ast-boosted-lstsq": ["train.method=ast-boosted", "train.slorb_init=lstsq",
-                              f"train.t0_steps={max(1, steps // 2)}"],
+                              f"train.t0_steps={max(1, steps // 2)}", "train.second_moment=gradient"],
     }
     if name not in table:
         raise ConfigError(f"unknown rung {name!r}; known: {', '.join(table)}")

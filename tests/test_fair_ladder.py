@@ -100,3 +100,22 @@ def test_a_small_ladder_runs_resumes_and_reports(tmp_path: Path) -> None:
     assert "--report-only" not in report["command"]
     md = (tmp_path / "out" / "fair_ladder.md").read_text()
     assert "| 1,024 | fixed-kd | 0 |" in md or "fixed-kd" in md
+
+
+@pytest.mark.parametrize("record", sorted((REPO / "bench" / "results" / "fair_ladder_jobs").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_the_recorded_jobs_are_what_this_commit_would_run(record: Path) -> None:
+    """Every finished job kept in the repo ran with the full config this commit resolves for its key, so the
+    report may pool jobs from several commits, and a later preset change (smollm2-quick's second moment) does
+    not silently change what a rung means."""
+    rec = json.loads(record.read_text())
+    job = fl.parse_job(record.stem)
+    assert rec["job"] == job.__dict__
+    args = fl.parse_args(["--windows", str(rec["config"]["evaluate"]["max_windows"])])
+    _, cfg = fl.job_config(str(REPO / "params" / "smollm2-quick.yaml"), job, args)
+    now = cfg.model_dump(mode="json")
+    # the one key added since the first jobs: how many windows the trained model is checked against its export
+    # on (it was every window); the reported perplexity is the export's on all windows either way
+    if "check_windows" not in rec["config"]["evaluate"]:
+        assert now["evaluate"].pop("check_windows") == 8
+    assert now == rec["config"]
