@@ -58,6 +58,19 @@ def ppl_ratio_interval(nll_a: Sequence[float], nll_b: Sequence[float], n_boot: i
     return math.exp(diff.mean()), math.exp(lo), math.exp(hi)
 
 
+def paired_diff_interval(a: Sequence[float], b: Sequence[float], n_boot: int = N_BOOT,
+                         level: float = LEVEL, seed: int = 0) -> tuple[float, float, float]:
+    """``mean(a) - mean(b)`` and its paired-bootstrap interval, over items both were scored on
+    (e.g. per-question accuracy of two models on the same questions)."""
+    x, y = _check(a, "paired_diff_interval"), _check(b, "paired_diff_interval")
+    if x.shape != y.shape:
+        raise ValueError(f"paired items differ in number: {len(x)} vs {len(y)}")
+    diff = x - y
+    means = _resampled_means(diff, n_boot, seed)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(diff.mean()), float(lo), float(hi)
+
+
 def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for a single value)."""
     arr = np.asarray(values, dtype=np.float64)

@@ -291,6 +291,26 @@ def zero_shot_counted(model: Any, tokenizer: Any, tasks: list[str], limit: int |
                       batch_size: int = 8, mirror: Path | None = None, offline: bool = True,
                       metric: str = "acc", cache_dir: Path | None = None) -> tuple[dict[str, float], dict[str, int]]:
     """:func:`zero_shot`, plus the number of documents each accuracy is over."""
+    r = zero_shot_result(model, tokenizer, tasks, limit, batch_size, mirror, offline, metric, cache_dir)
+    return r.scores, r.counts
+
+
+@dataclass(frozen=True)
+class ZeroShotResult:
+    """Per task: the metric, lm-eval's standard error of it, the number of documents, and (with
+    ``items=True``) the metric of each document in document order, for paired comparisons."""
+
+    scores: dict[str, float]
+    stderr: dict[str, float | None]
+    counts: dict[str, int]
+    items: dict[str, list[float]]
+
+
+def zero_shot_result(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None,
+                     batch_size: int = 8, mirror: Path | None = None, offline: bool = True,
+                     metric: str = "acc", cache_dir: Path | None = None, items: bool = False) -> ZeroShotResult:
+    """:func:`zero_shot` with lm-eval's standard errors (closed form for ``acc``: sqrt(p(1-p)/(n-1))) and,
+    with ``items``, each document's score (lm-eval's logged samples, sorted by ``doc_id``)."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -301,21 +321,27 @@ def zero_shot_counted(model: Any, tokenizer: Any, tasks: list[str], limit: int |
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        # bootstrap_iters > 0 only switches stderr on: a mean's (acc's) stderr is closed form, never resampled
         out = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=0,
-                                      limit=limit, bootstrap_iters=0, log_samples=False,
+                                      limit=limit, bootstrap_iters=1000, log_samples=items,
                                       random_seed=None, numpy_random_seed=None, torch_random_seed=None)
     finally:
         model.train(was_training)
     results = out["results"]
-    scores, counts = {}, {}
+    scores, stderr, counts, per_doc = {}, {}, {}, {}
+    key = f"{metric},none"
     for name in tasks:
-        key = f"{metric},none"
         if key not in results[name]:
             raise ValueError(f"task {name!r} has no metric {metric!r}; it reports "
                              f"{sorted(k.split(',')[0] for k in results[name] if ',' in k)}")
         scores[name] = float(results[name][key])
+        se = results[name].get(f"{metric}_stderr,none")
+        stderr[name] = float(se) if isinstance(se, (int, float)) else None
         counts[name] = int(out.get("n-samples", {}).get(name, {}).get("effective", limit or 0))
-    return scores, counts
+        if items:
+            samples = sorted(out["samples"][name], key=lambda s: s["doc_id"])
+            per_doc[name] = [float(s[metric]) for s in samples]
+    return ZeroShotResult(scores, stderr, counts, per_doc)
 
 
 def include_path(tasks: list[str] | None = None, mirror: Path | None = None, cache_dir: Path | None = None) -> Path:

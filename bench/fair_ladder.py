@@ -23,13 +23,18 @@ to ``fixed-kd`` paired on the same windows; C4 validation perplexity on the
 held-out blocks during training (the curve, and the split on which "AST in its
 best setting" is chosen for the larger budgets, never the test split).
 
+Zero-shot (``--zero-shot-limit``, 500 items per task by default; the preset's tasks): a job per
+reference and decisive rung of the first seed at the first budget, on the rung's export loaded the
+stock way, each item kept so that rungs compare paired per item (bench/ladder_zero_shot.py).
+
 Jobs run in priority order (the decisive rungs first, then the larger budgets,
 then the rest); each finished job is written to ``<work>/jobs/`` and skipped on
 a re-run, an unfinished one resumes from its last checkpoint, and the report is
 rebuilt after every job, so an interrupted run reports what it finished.
 
     python -m bench.fair_ladder [--params params/smollm2-quick.yaml] [--seeds 0 1 2] [--steps 40 160 640]
-                                [--windows 128] [--work artifacts/bench/fair_ladder] [--report-only]
+                                [--windows 128] [--zero-shot-limit 500] [--work artifacts/bench/fair_ladder]
+                                [--jobs KEY ...] [--report-only]
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 from ast_core.atomic import atomic_write_text  # noqa: E402
 from ast_core.intervals import mean_sd, ppl_ratio_interval  # noqa: E402
+from bench import ladder_zero_shot as zs  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.ladder import fail, resolve_params  # noqa: E402
+from bench.ladder_zero_shot import ZS_RUNGS  # noqa: E402
 from bench.runner import RESULTS, STAGES, WORK, Variant, run_variant, shared_base, stamp, write_json  # noqa: E402
 from tasks.common import StageError, configure_threads  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
@@ -117,14 +124,21 @@ class Job:
     steps: int
     seed: int
     rung: str
+    kind: str = "train"  # or "zs": zero-shot of the training job with the same steps, seed and rung
 
     @property
     def key(self) -> str:
-        return f"s{self.steps}-seed{self.seed}-{self.rung}"
+        return ("zs-" if self.kind == "zs" else "") + f"s{self.steps}-seed{self.seed}-{self.rung}"
+
+    @property
+    def trained(self) -> "Job":
+        """The training job this job needs (itself for a training job)."""
+        return Job(self.steps, self.seed, self.rung)
 
 
-def plan(seeds: list[int], budgets: list[int], best: str | None) -> list[Job]:
-    """Jobs in priority order: what decides the question first, then the larger budgets, then the rest."""
+def plan(seeds: list[int], budgets: list[int], best: str | None, zero_shot: bool = False) -> list[Job]:
+    """Jobs in priority order: what decides the question first, then the larger budgets, (the zero-shot of
+    the first seed's references and decisive rungs,) then the rest."""
     small, larger = budgets[0], budgets[1:]
     decisive = (CONTROL, "ast-paper", "ast-default", CONTROL_U2, "ast-official")
     jobs = [Job(small, s, r) for s in seeds for r in decisive]
@@ -133,6 +147,8 @@ def plan(seeds: list[int], budgets: list[int], best: str | None) -> list[Job]:
         best_ = best or "ast-default"
         jobs += [Job(b, seeds[0], r) for r in dict.fromkeys((control_of("ast-paper"), "ast-paper",
                                                               control_of(best_), best_))]
+    if zero_shot:
+        jobs += [Job(small, seeds[0], r, "zs") for r in ZS_RUNGS]
     jobs += [Job(small, seeds[0], r) for r in ("oneshot-wanda", "oneshot-magnitude")]
     jobs += [Job(small, s, r) for s in seeds for r in ("naive", "ast-boosted-lstsq", "ast-boosted-mean")]
     return list(dict.fromkeys(jobs))
@@ -147,12 +163,13 @@ def job_config(params: str, job: Job, args: argparse.Namespace) -> tuple[list[st
 
 
 def parse_job(key: str) -> Job:
-    """``s40-seed0-fixed-kd`` → Job(40, 0, "fixed-kd"); a bad key is a ConfigError naming it."""
+    """``s40-seed0-fixed-kd`` → Job(40, 0, "fixed-kd"), ``zs-s40-seed0-fixed-kd`` its zero-shot job; a bad key
+    is a ConfigError naming it."""
     import re
-    m = re.fullmatch(r"s(\d+)-seed(\d+)-(.+)", key)
-    if not m or m.group(3) not in RUNGS:
-        raise ConfigError(f"--jobs: {key!r} is not sSTEPS-seedN-RUNG with a rung of {', '.join(RUNGS)}")
-    return Job(int(m.group(1)), int(m.group(2)), m.group(3))
+    m = re.fullmatch(r"(zs-)?s(\d+)-seed(\d+)-(.+)", key)
+    if not m or m.group(4) not in RUNGS:
+        raise ConfigError(f"--jobs: {key!r} is not [zs-]sSTEPS-seedN-RUNG with a rung of {', '.join(RUNGS)}")
+    return Job(int(m.group(2)), int(m.group(3)), m.group(4), "zs" if m.group(1) else "train")
 
 
 def git_commit() -> str | None:
@@ -319,6 +336,7 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
         "",
         *[f"- {v}" for v in verdicts(report["rows"])],
         "",
+        *zs.render(report.get("zero_shot_rows") or [], report.get("zero_shot_limit")),
         *pics,
         "Plots: `fair_ladder_budget.png` (WikiText-2 perplexity vs training tokens, mean over seeds, per rung), "
         "`fair_ladder.png` (C4 validation perplexity vs training tokens, seed 0).",
@@ -329,7 +347,7 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
 
 
 def write_report(results: list[dict], args: argparse.Namespace, planned: int, commit: str | None,
-                 started: str, best: str | None, params: str) -> None:
+                 started: str, best: str | None, params: str, zero_shot: list[dict] | None = None) -> None:
     out = Path(args.out_dir)
     pre = load_config(params, args.overrides)
     report = {"stamp": stamp(), "started": started, "commit_at_start": commit, "params": args.params,
@@ -338,6 +356,8 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
               "eval_seq_len": pre.evaluate.seq_len,
               "planned": planned, "done": len(results), "best_ast": best,
               "rows": summarize(results),
+              "zero_shot_limit": args.zero_shot_limit,
+              "zero_shot_rows": zs.summarize(zero_shot or [], control_of, RUNGS),
               "curves": {f"{r['job']['rung']} ({r['job']['steps']} steps)":
                          [[h["tokens"], h["val_ppl"]] for h in r["history"] if "val_ppl" in h]
                          for r in results if r["job"]["seed"] == min(args.seeds) and r["history"]},
@@ -361,8 +381,9 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
                            xlabel="training tokens", ylabel="perplexity (log scale)", logy=True)
 
 
-def load_done(work: Path) -> dict[str, dict]:
-    jobs = work / "jobs"
+def load_done(work: Path, folder: str = "jobs") -> dict[str, dict]:
+    """Finished jobs by key: training jobs in ``<work>/jobs``, zero-shot jobs in ``<work>/zeroshot``."""
+    jobs = work / folder
     return {p.stem: json.loads(p.read_text()) for p in sorted(jobs.glob("*.json"))} if jobs.is_dir() else {}
 
 
@@ -376,6 +397,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="WikiText-2 windows of 512 tokens (all: the whole test split)")
     ap.add_argument("--calib-blocks", type=int, default=256, help="calibration blocks (one-shot + initial mask)")
     ap.add_argument("--val-blocks", type=int, default=64, help="held-out C4 blocks for validation")
+    ap.add_argument("--zero-shot-limit", type=int, default=500,
+                    help="items per zero-shot task for the zero-shot jobs (0: no zero-shot jobs)")
+    ap.add_argument("--zero-shot-tasks", nargs="+", default=None, metavar="TASK",
+                    help="zero-shot tasks (default: the preset's evaluate.zero_shot.tasks)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--out-dir", type=Path, default=RESULTS)
     ap.add_argument("--work", type=Path, default=WORK / "fair_ladder")
@@ -393,28 +418,39 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads()
     commit = git_commit()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    done = load_done(work)
+    done, zs_done = load_done(work), load_done(work, "zeroshot")
+    pre = load_config(params, args.overrides)
+    zs_tasks = args.zero_shot_tasks or pre.evaluate.zero_shot.tasks
     ran = 0
     try:
         while True:
             results = list(done.values())
             best = best_ast(results, args.steps[0])
-            jobs = plan(args.seeds, args.steps, best)
-            write_report(results, args, len(jobs), commit, started, best, params)
-            todo = [j for j in jobs if j.key not in done]
+            jobs = plan(args.seeds, args.steps, best, zero_shot=args.zero_shot_limit > 0)
+            write_report(results, args, len(jobs), commit, started, best, params, list(zs_done.values()))
+            finished = {**done, **zs_done}
+            todo = [j for j in jobs if j.key not in finished]
             if args.jobs is not None:
-                todo = [parse_job(k) for k in args.jobs if k not in done]
+                todo = [parse_job(k) for k in args.jobs if k not in finished]
+            todo = [j for j in todo if j.trained.key in done or j.kind == "train"]  # zero-shot after its training
             if args.report_only or not todo or (args.max_jobs is not None and ran >= args.max_jobs):
                 break
             job = todo[0]
-            print(f"[{len(done) + 1}/{len(jobs)}] {job.key}", flush=True)
+            print(f"[{len(finished) + 1}/{len(jobs)}] {job.key}", flush=True)
             t = time.perf_counter()
-            res = run_job(params, job, args, commit)
-            write_json(work / "jobs" / f"{job.key}.json", res)
-            done[job.key] = res
+            if job.kind == "zs":
+                res = zs.run_zero_shot(work, done[job.trained.key], zs_tasks, args.zero_shot_limit,
+                                       pre.evaluate.zero_shot.batch_size, commit)
+                write_json(work / "zeroshot" / f"{job.key}.json", res)
+                zs_done[job.key] = res
+                what = ", ".join(f"{t} {a:.3f}" for t, a in res["acc"].items())
+            else:
+                res = run_job(params, job, args, commit)
+                write_json(work / "jobs" / f"{job.key}.json", res)
+                done[job.key] = res
+                what = f"ppl {res['metrics'].get('ppl_wikitext2', float('nan')):.2f}"
             ran += 1
-            print(f"    ppl {res['metrics'].get('ppl_wikitext2', float('nan')):.2f} "
-                  f"({time.perf_counter() - t:.0f} s)", flush=True)
+            print(f"    {what} ({time.perf_counter() - t:.0f} s)", flush=True)
     except (ConfigError, StageError) as err:
         return fail(err)
     print(table(summarize(list(done.values()))), end="")

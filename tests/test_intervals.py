@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ast_core.intervals import mean_sd, ppl_interval, ppl_ratio_interval
+from ast_core.intervals import mean_sd, paired_diff_interval, ppl_interval, ppl_ratio_interval
 
 
 def test_identical_windows_give_a_point_interval() -> None:
@@ -47,3 +47,16 @@ def test_bad_inputs_are_refused() -> None:
     with pytest.raises(ValueError, match="differ in number"):
         ppl_ratio_interval([1.0, 2.0], [1.0, 2.0, 3.0])
     assert mean_sd([1.0]) == (1.0, None) and mean_sd([1.0, 3.0]) == (2.0, pytest.approx(math.sqrt(2)))
+
+
+def test_paired_accuracy_difference_finds_a_known_gap_and_zero_when_identical() -> None:
+    """Two models on 1,000 yes/no items: b is right wherever a is, plus on 50 more -> +0.05 exactly."""
+    rng = np.random.default_rng(2)
+    a = (rng.random(1000) < 0.6).astype(float)
+    b = a.copy()
+    b[np.flatnonzero(a == 0)[:50]] = 1.0
+    diff, lo, hi = paired_diff_interval(b, a)
+    assert diff == pytest.approx(0.05) and 0.03 < lo < 0.05 < hi < 0.07
+    assert paired_diff_interval(a, a) == (0.0, 0.0, 0.0)
+    with pytest.raises(ValueError, match="differ in number"):
+        paired_diff_interval(a, a[:-1])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import time
 from pathlib import Path
 
@@ -240,6 +241,21 @@ def test_zero_shot_on_tiny_llama_returns_fractions_of_limit(shared_data: Path, t
     for acc in scores.values():
         assert 0.0 <= acc <= 1.0 and abs(acc * 5 - round(acc * 5)) < 1e-9
     assert model.training  # the caller's mode is restored
+
+
+def test_zero_shot_result_gives_each_document_and_lm_evals_stderr(shared_data: Path, tmp_path: Path) -> None:
+    """The per-document scores average to the accuracy; the stderr is a mean's, sqrt(p(1-p)/(n-1))."""
+    from ast_core.models import load_model, load_tokenizer
+
+    model = load_model("tiny:llama")
+    r = zs.zero_shot_result(model, load_tokenizer("tiny:llama"), ["piqa", "winogrande"], limit=12,
+                            mirror=shared_data, cache_dir=tmp_path, items=True)
+    for name in ("piqa", "winogrande"):
+        docs = r.items[name]
+        assert len(docs) == r.counts[name] == 12 and set(docs) <= {0.0, 1.0}
+        p = r.scores[name]
+        assert sum(docs) / 12 == pytest.approx(p, abs=1e-12)
+        assert r.stderr[name] == pytest.approx(math.sqrt(p * (1 - p) / 11), rel=1e-9)
 
 
 def _sum_logprob(model: torch.nn.Module, tok, context: str, continuation: str) -> float:
