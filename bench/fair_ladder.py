@@ -130,6 +130,10 @@ class Job:
     def key(self) -> str:
         return ("zs-" if self.kind == "zs" else "") + f"s{self.steps}-seed{self.seed}-{self.rung}"
 
+    def record(self) -> dict[str, int | str]:
+        """The job as its training record names it (steps, seed, rung; the same in every commit's records)."""
+        return {"steps": self.steps, "seed": self.seed, "rung": self.rung}
+
     @property
     def trained(self) -> "Job":
         """The training job this job needs (itself for a training job)."""
@@ -184,7 +188,7 @@ def run_job(params: str, job: Job, args: argparse.Namespace, commit: str | None)
     shared = shared_base(params, base, root)
     v = Variant(job.rung, rung_overrides(job.rung, job.steps))
     r = run_variant(shared, cfg, v, root, STAGES, resume=True)
-    return {"job": job.__dict__, "started": started, "commit_at_start": commit,
+    return {"job": job.record(), "started": started, "commit_at_start": commit,
             "config": cfg.model_dump(mode="json"), "metrics": r.metrics, "history": r.history,
             "train": r.train, "wall_s": r.wall_s}
 

@@ -110,7 +110,7 @@ def test_the_recorded_jobs_are_what_this_commit_would_run(record: Path) -> None:
     not silently change what a rung means."""
     rec = json.loads(record.read_text())
     job = fl.parse_job(record.stem)
-    assert rec["job"] == job.__dict__
+    assert rec["job"] == job.record()
     args = fl.parse_args(["--windows", str(rec["config"]["evaluate"]["max_windows"])])
     _, cfg = fl.job_config(str(REPO / "params" / "smollm2-quick.yaml"), job, args)
     now = cfg.model_dump(mode="json")
