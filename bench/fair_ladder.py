@@ -23,9 +23,10 @@ to ``fixed-kd`` paired on the same windows; C4 validation perplexity on the
 held-out blocks during training (the curve, and the split on which "AST in its
 best setting" is chosen for the larger budgets, never the test split).
 
-Zero-shot (``--zero-shot-limit``, 500 items per task by default; the preset's tasks): a job per
-reference and decisive rung of the first seed at the first budget, on the rung's export loaded the
-stock way, each item kept so that rungs compare paired per item (bench/ladder_zero_shot.py).
+Headline rows (bench/ladder_eval.py): a job per decisive and reference rung of the first seed at
+the first budget scores the rung's export, loaded the stock way, on the whole WikiText-2 test split
+and zero-shot (``--zero-shot-limit``, 500 items per task by default; the preset's tasks), each
+window and item kept so that rungs compare paired.
 
 Jobs run in priority order (the decisive rungs first, then the larger budgets,
 then the rest); each finished job is written to ``<work>/jobs/`` and skipped on
@@ -52,10 +53,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 from ast_core.atomic import atomic_write_text  # noqa: E402
 from ast_core.intervals import mean_sd, ppl_ratio_interval  # noqa: E402
-from bench import ladder_zero_shot as zs  # noqa: E402
+from bench import ladder_eval  # noqa: E402
 from bench import plotting  # noqa: E402
 from bench.ladder import fail, resolve_params  # noqa: E402
-from bench.ladder_zero_shot import ZS_RUNGS  # noqa: E402
+from bench.ladder_eval import EVAL_RUNGS  # noqa: E402
 from bench.runner import RESULTS, STAGES, WORK, Variant, run_variant, shared_base, stamp, write_json  # noqa: E402
 from tasks.common import StageError, configure_threads  # noqa: E402
 from tasks.config import ConfigError, PipelineConfig, load_config  # noqa: E402
@@ -124,11 +125,11 @@ class Job:
     steps: int
     seed: int
     rung: str
-    kind: str = "train"  # or "zs": zero-shot of the training job with the same steps, seed and rung
+    kind: str = "train"  # or "eval": the headline evaluation of the training job with the same steps, seed, rung
 
     @property
     def key(self) -> str:
-        return ("zs-" if self.kind == "zs" else "") + f"s{self.steps}-seed{self.seed}-{self.rung}"
+        return ("eval-" if self.kind == "eval" else "") + f"s{self.steps}-seed{self.seed}-{self.rung}"
 
     def record(self) -> dict[str, int | str]:
         """The job as its training record names it (steps, seed, rung; the same in every commit's records)."""
@@ -140,9 +141,9 @@ class Job:
         return Job(self.steps, self.seed, self.rung)
 
 
-def plan(seeds: list[int], budgets: list[int], best: str | None, zero_shot: bool = False) -> list[Job]:
-    """Jobs in priority order: what decides the question first, then the larger budgets, (the zero-shot of
-    the first seed's references and decisive rungs,) then the rest."""
+def plan(seeds: list[int], budgets: list[int], best: str | None, headline: bool = False) -> list[Job]:
+    """Jobs in priority order: what decides the question first, then the larger budgets, (the headline
+    evaluation of the first seed's decisive rungs and references,) then the rest."""
     small, larger = budgets[0], budgets[1:]
     decisive = (CONTROL, "ast-paper", "ast-default", CONTROL_U2, "ast-official")
     jobs = [Job(small, s, r) for s in seeds for r in decisive]
@@ -151,8 +152,8 @@ def plan(seeds: list[int], budgets: list[int], best: str | None, zero_shot: bool
         best_ = best or "ast-default"
         jobs += [Job(b, seeds[0], r) for r in dict.fromkeys((control_of("ast-paper"), "ast-paper",
                                                               control_of(best_), best_))]
-    if zero_shot:
-        jobs += [Job(small, seeds[0], r, "zs") for r in ZS_RUNGS]
+    if headline:
+        jobs += [Job(small, seeds[0], r, "eval") for r in EVAL_RUNGS]
     jobs += [Job(small, seeds[0], r) for r in ("oneshot-wanda", "oneshot-magnitude")]
     jobs += [Job(small, s, r) for s in seeds for r in ("naive", "ast-boosted-lstsq", "ast-boosted-mean")]
     return list(dict.fromkeys(jobs))
@@ -167,13 +168,13 @@ def job_config(params: str, job: Job, args: argparse.Namespace) -> tuple[list[st
 
 
 def parse_job(key: str) -> Job:
-    """``s40-seed0-fixed-kd`` → Job(40, 0, "fixed-kd"), ``zs-s40-seed0-fixed-kd`` its zero-shot job; a bad key
-    is a ConfigError naming it."""
+    """``s40-seed0-fixed-kd`` → Job(40, 0, "fixed-kd"), ``eval-s40-seed0-fixed-kd`` its headline evaluation; a
+    bad key is a ConfigError naming it."""
     import re
-    m = re.fullmatch(r"(zs-)?s(\d+)-seed(\d+)-(.+)", key)
+    m = re.fullmatch(r"(eval-)?s(\d+)-seed(\d+)-(.+)", key)
     if not m or m.group(4) not in RUNGS:
-        raise ConfigError(f"--jobs: {key!r} is not [zs-]sSTEPS-seedN-RUNG with a rung of {', '.join(RUNGS)}")
-    return Job(int(m.group(2)), int(m.group(3)), m.group(4), "zs" if m.group(1) else "train")
+        raise ConfigError(f"--jobs: {key!r} is not [eval-]sSTEPS-seedN-RUNG with a rung of {', '.join(RUNGS)}")
+    return Job(int(m.group(2)), int(m.group(3)), m.group(4), "eval" if m.group(1) else "train")
 
 
 def git_commit() -> str | None:
@@ -340,7 +341,7 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
         "",
         *[f"- {v}" for v in verdicts(report["rows"])],
         "",
-        *zs.render(report.get("zero_shot_rows") or [], report.get("zero_shot_limit")),
+        *ladder_eval.render(report.get("headline_rows") or [], report.get("zero_shot_limit")),
         *pics,
         "Plots: `fair_ladder_budget.png` (WikiText-2 perplexity vs training tokens, mean over seeds, per rung), "
         "`fair_ladder.png` (C4 validation perplexity vs training tokens, seed 0).",
@@ -351,7 +352,7 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
 
 
 def write_report(results: list[dict], args: argparse.Namespace, planned: int, commit: str | None,
-                 started: str, best: str | None, params: str, zero_shot: list[dict] | None = None) -> None:
+                 started: str, best: str | None, params: str, headline: list[dict] | None = None) -> None:
     out = Path(args.out_dir)
     pre = load_config(params, args.overrides)
     report = {"stamp": stamp(), "started": started, "commit_at_start": commit, "params": args.params,
@@ -361,7 +362,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
               "planned": planned, "done": len(results), "best_ast": best,
               "rows": summarize(results),
               "zero_shot_limit": args.zero_shot_limit,
-              "zero_shot_rows": zs.summarize(zero_shot or [], control_of, RUNGS),
+              "headline_rows": ladder_eval.summarize(headline or [], control_of, RUNGS),
               "curves": {f"{r['job']['rung']} ({r['job']['steps']} steps)":
                          [[h["tokens"], h["val_ppl"]] for h in r["history"] if "val_ppl" in h]
                          for r in results if r["job"]["seed"] == min(args.seeds) and r["history"]},
@@ -386,7 +387,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
 
 
 def load_done(work: Path, folder: str = "jobs") -> dict[str, dict]:
-    """Finished jobs by key: training jobs in ``<work>/jobs``, zero-shot jobs in ``<work>/zeroshot``."""
+    """Finished jobs by key: training jobs in ``<work>/jobs``, headline evaluations in ``<work>/eval``."""
     jobs = work / folder
     return {p.stem: json.loads(p.read_text()) for p in sorted(jobs.glob("*.json"))} if jobs.is_dir() else {}
 
@@ -402,7 +403,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--calib-blocks", type=int, default=256, help="calibration blocks (one-shot + initial mask)")
     ap.add_argument("--val-blocks", type=int, default=64, help="held-out C4 blocks for validation")
     ap.add_argument("--zero-shot-limit", type=int, default=500,
-                    help="items per zero-shot task for the zero-shot jobs (0: no zero-shot jobs)")
+                    help="items per zero-shot task in the headline evaluation jobs (0: no such jobs)")
+    ap.add_argument("--headline-windows", type=int, default=None,
+                    help="WikiText-2 windows in the headline evaluation (default: the whole test split)")
     ap.add_argument("--zero-shot-tasks", nargs="+", default=None, metavar="TASK",
                     help="zero-shot tasks (default: the preset's evaluate.zero_shot.tasks)")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -422,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_threads()
     commit = git_commit()
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    done, zs_done = load_done(work), load_done(work, "zeroshot")
+    done, ev_done = load_done(work), load_done(work, "eval")
     pre = load_config(params, args.overrides)
     zs_tasks = args.zero_shot_tasks or pre.evaluate.zero_shot.tasks
     ran = 0
@@ -430,24 +433,24 @@ def main(argv: list[str] | None = None) -> int:
         while True:
             results = list(done.values())
             best = best_ast(results, args.steps[0])
-            jobs = plan(args.seeds, args.steps, best, zero_shot=args.zero_shot_limit > 0)
-            write_report(results, args, len(jobs), commit, started, best, params, list(zs_done.values()))
-            finished = {**done, **zs_done}
+            jobs = plan(args.seeds, args.steps, best, headline=args.zero_shot_limit > 0)
+            write_report(results, args, len(jobs), commit, started, best, params, list(ev_done.values()))
+            finished = {**done, **ev_done}
             todo = [j for j in jobs if j.key not in finished]
             if args.jobs is not None:
                 todo = [parse_job(k) for k in args.jobs if k not in finished]
-            todo = [j for j in todo if j.trained.key in done or j.kind == "train"]  # zero-shot after its training
+            todo = [j for j in todo if j.trained.key in done or j.kind == "train"]  # evaluation after training
             if args.report_only or not todo or (args.max_jobs is not None and ran >= args.max_jobs):
                 break
             job = todo[0]
             print(f"[{len(finished) + 1}/{len(jobs)}] {job.key}", flush=True)
             t = time.perf_counter()
-            if job.kind == "zs":
-                res = zs.run_zero_shot(work, done[job.trained.key], zs_tasks, args.zero_shot_limit,
-                                       pre.evaluate.zero_shot.batch_size, commit)
-                write_json(work / "zeroshot" / f"{job.key}.json", res)
-                zs_done[job.key] = res
-                what = ", ".join(f"{t} {a:.3f}" for t, a in res["acc"].items())
+            if job.kind == "eval":
+                res = ladder_eval.run_eval(work, done[job.trained.key], zs_tasks, args.zero_shot_limit,
+                                           pre.evaluate.zero_shot.batch_size, commit, args.headline_windows)
+                write_json(work / "eval" / f"{job.key}.json", res)
+                ev_done[job.key] = res
+                what = f"whole-split ppl {res['ppl']:.2f}; " + ", ".join(f"{t} {a:.3f}" for t, a in res["acc"].items())
             else:
                 res = run_job(params, job, args, commit)
                 write_json(work / "jobs" / f"{job.key}.json", res)

@@ -121,38 +121,42 @@ def test_the_recorded_jobs_are_what_this_commit_would_run(record: Path) -> None:
     assert now == rec["config"]
 
 
-def test_zero_shot_jobs_follow_their_training_and_are_planned_after_the_larger_budgets() -> None:
-    jobs = fl.plan([0, 1], [40, 160], best="ast-official", zero_shot=True)
-    zs_jobs = [j for j in jobs if j.kind == "zs"]
-    assert [j.rung for j in zs_jobs] == list(fl.ZS_RUNGS) and {(j.steps, j.seed) for j in zs_jobs} == {(40, 0)}
-    assert max(i for i, j in enumerate(jobs) if j.steps == 160) < jobs.index(zs_jobs[0])
-    assert fl.parse_job("zs-s40-seed0-ast-paper") == fl.Job(40, 0, "ast-paper", "zs")
-    assert fl.Job(40, 0, "ast-paper", "zs").trained.key == "s40-seed0-ast-paper"
-    assert not [j for j in fl.plan([0], [40], best=None) if j.kind == "zs"]
+def test_headline_evaluations_follow_their_training_and_are_planned_after_the_larger_budgets() -> None:
+    jobs = fl.plan([0, 1], [40, 160], best="ast-official", headline=True)
+    ev = [j for j in jobs if j.kind == "eval"]
+    assert [j.rung for j in ev] == list(fl.EVAL_RUNGS) and {(j.steps, j.seed) for j in ev} == {(40, 0)}
+    assert max(i for i, j in enumerate(jobs) if j.steps == 160) < jobs.index(ev[0])
+    assert fl.parse_job("eval-s40-seed0-ast-paper") == fl.Job(40, 0, "ast-paper", "eval")
+    assert fl.Job(40, 0, "ast-paper", "eval").trained.key == "s40-seed0-ast-paper"
+    assert not [j for j in fl.plan([0], [40], best=None) if j.kind == "eval"]
 
 
-def test_a_small_ladder_scores_zero_shot_per_item_and_refuses_a_foreign_export(tmp_path: Path) -> None:
-    from bench import ladder_zero_shot as lzs
+def test_a_small_ladder_gives_headline_rows_paired_per_window_and_item_and_refuses_a_foreign_export(
+        tmp_path: Path) -> None:
+    from bench import ladder_eval
     from tasks.common import StageError
 
     args = ["--params", TINY, "--steps", "2", "--seeds", "0", "--windows", "2", "--calib-blocks", "4",
             "--val-blocks", "4", "--work", str(tmp_path / "w"), "--out-dir", str(tmp_path / "out"),
-            "--zero-shot-limit", "6", "--zero-shot-tasks", "piqa", "winogrande",
-            "--jobs", "zs-s2-seed0-fixed-kd", "s2-seed0-fixed-kd", "s2-seed0-ast-default", "zs-s2-seed0-fixed-kd",
-            "zs-s2-seed0-ast-default"]
+            "--headline-windows", "5", "--zero-shot-limit", "6", "--zero-shot-tasks", "piqa", "winogrande",
+            "--jobs", "eval-s2-seed0-fixed-kd", "s2-seed0-fixed-kd", "s2-seed0-ast-default", "eval-s2-seed0-fixed-kd",
+            "eval-s2-seed0-ast-default"]
     assert fl.main(args) == 0
-    rec = json.loads((tmp_path / "w" / "zeroshot" / "zs-s2-seed0-ast-default.json").read_text())
+    rec = json.loads((tmp_path / "w" / "eval" / "eval-s2-seed0-ast-default.json").read_text())
+    train = json.loads((tmp_path / "w" / "jobs" / "s2-seed0-ast-default.json").read_text())
+    assert rec["ppl_windows"] == 5 and rec["window_nll"][:2] == pytest.approx(train["metrics"]["ppl_window_nll"],
+                                                                             abs=1e-4)
     assert rec["docs"] == {"piqa": 6, "winogrande": 6} and rec["commit_at_start"]
     assert all(len(rec["items"][t]) == 6 and sum(rec["items"][t]) / 6 == pytest.approx(rec["acc"][t])
                for t in ("piqa", "winogrande"))
     report = json.loads((tmp_path / "out" / "fair_ladder.json").read_text())
-    row = {r["rung"]: r for r in report["zero_shot_rows"]}["ast-default"]
+    row = {r["rung"]: r for r in report["headline_rows"]}["ast-default"]
     assert row["control"] == "fixed-kd" and row["items"] == 12 and len(row["diff_to_control"]) == 3
+    assert row["ppl_windows"] == 5 and len(row["ppl_ratio_to_control"]) == 3
     md = (tmp_path / "out" / "fair_ladder.md").read_text()
-    assert "### Zero-shot" in md and "piqa (n=6)" in md
+    assert "### Zero-shot" in md and "piqa (n=6)" in md and "whole WikiText-2 test split" in md
     # the export must be the job's model: another job's recorded window losses are refused
-    train = json.loads((tmp_path / "w" / "jobs" / "s2-seed0-ast-default.json").read_text())
     other = json.loads((tmp_path / "w" / "jobs" / "s2-seed0-fixed-kd.json").read_text())
     train["metrics"]["ppl_window_nll"] = [x + 0.01 for x in other["metrics"]["ppl_window_nll"]]
     with pytest.raises(StageError, match="not the model the job measured"):
-        lzs.run_zero_shot(tmp_path / "w", train, ["piqa"], 2, 4, None)
+        ladder_eval.run_eval(tmp_path / "w", train, ["piqa"], 2, 4, None, max_windows=3)
