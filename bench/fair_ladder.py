@@ -11,7 +11,7 @@ teacher targets, for every rung alike.
   fixed-kd    fixed mask, the same KD as AST (no refresh, no decay): the control
   ast-paper   AST as the paper's text: magnitude refresh, v tracks u², λ_max = 1e-4 × 40k / steps
   ast-official AST as the official code: frozen-Wanda refresh, v tracks u², the same λ
-  ast-default AST with the preset's settings (the library default)
+  ast-default AST with the library's settings: Wanda refresh, λ_max 1e-4, T0 50 %, AdamW's second moment
   ast-boosted-mean / -lstsq  AST-Boosted with the paper's / the least-squares SLoRB init
 
 The paper's λ_max = 1e-4 was set for 40k steps; ``ast-paper`` keeps λ_max·steps
@@ -70,7 +70,10 @@ CONTROL_U2 = "fixed-kd-u2"
 
 
 def control_of(rung: str) -> str:
-    """The fixed-mask rung a rung is compared with: the one with the same second-moment form."""
+    """The fixed-mask rung a rung is compared with: the one with the same second-moment form (fixed-kd-u2, the
+    control of the u² rungs, is itself compared with fixed-kd: what the u² form alone does to a fixed mask)."""
+    if rung == CONTROL_U2:
+        return CONTROL
     return CONTROL_U2 if "train.second_moment=update" in rung_overrides(rung, 40) else CONTROL
 
 
@@ -275,7 +278,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """
     out = []
     for r in rows:
-        if not r["rung"].startswith("ast-") or not r["ratio_to_control"]:
+        if not (r["rung"].startswith("ast-") or r["rung"] == CONTROL_U2) or not r["ratio_to_control"]:
             continue
         his = [hi for _, _, hi in r["ratio_to_control"]]
         los = [lo for _, lo, _ in r["ratio_to_control"]]
@@ -327,7 +330,8 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
         "",
         f"Evaluation: WikiText-2 test, {report['windows'] or 'all'} windows × {report['eval_seq_len']} tokens; intervals are 95% bootstrap "
         "intervals over windows; the ratio to the fixed-mask control (fixed-kd; fixed-kd-u2 for the rungs whose "
-        "optimizer tracks u², once it has run) is paired on the same windows and the same seed. "
+        "optimizer tracks u², once it has run; fixed-kd-u2 itself against fixed-kd, the u² form alone) is paired on the "
+        "same windows and the same seed. "
         f"One-shot calibration: {report['calib_blocks']} blocks × {report['seq_len']} tokens. "
         "\"AST in its best setting\" for the larger budgets is chosen on C4 validation perplexity "
         f"(held-out blocks), never on the test split: **{report['best_ast']}**.",

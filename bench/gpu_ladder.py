@@ -10,8 +10,9 @@ Two steps, on two machines:
 
 Rungs (their settings are :func:`bench.fair_ladder.rung_overrides`, applied to the same
 params preset): ``fixed-kd-u2`` (fixed mask + the same KD and the same u² optimizer: the control), ``ast-paper``
-(magnitude refresh, v tracks u², λ_max = 1e-4·40000/steps, T0 25%), ``ast-default`` (the
-preset's AST settings), and ``oneshot-sparsegpt`` plus ``dense`` as references.
+(magnitude refresh, v tracks u², λ_max = 1e-4·40000/steps, T0 25%), ``ast-official`` (Wanda-scored
+refresh, the same u² optimizer and λ: the best AST setting on the CPU ladder's C4 validation at 20k
+tokens), and ``oneshot-sparsegpt`` plus ``dense`` as references.
 
 Fairness: every trained rung starts from one initial Wanda mask (computed once, set on
 every student, checked bit for bit), reads the same blocks in the same order (one
@@ -62,7 +63,7 @@ from bench.runner import stamp, write_json  # noqa: E402
 from tasks.config import PipelineConfig, load_config  # noqa: E402
 from tasks.train import recipe_of  # noqa: E402
 
-TRAINED = ("fixed-kd-u2", "ast-paper", "ast-default")  # every AST rung here tracks u²: its control is fixed-kd-u2
+TRAINED = ("fixed-kd-u2", "ast-paper", "ast-official")  # every AST rung here tracks u²: its control is fixed-kd-u2
 DATA_FILES = ("train", "val", "calib", "wikitext2_test")
 TARGET_TOKENS = 10_000_000
 

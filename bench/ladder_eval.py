@@ -128,7 +128,7 @@ def verdicts(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
         d = r["diff_to_control"]
-        if d is None or not r["rung"].startswith("ast-"):
+        if d is None or not (r["rung"].startswith("ast-") or r["rung"] == "fixed-kd-u2"):
             continue
         word = "better than" if d[1] > 0 else "worse than" if d[2] < 0 else "no measurable difference from"
         out.append(f"{r['steps']} steps, seed {r['seed']}, {r['rung']}: zero-shot {word} {r['control']} "

@@ -37,11 +37,12 @@ def _pack_module():  # scripts/device is no package: load the file the driver ru
 def test_rung_configs_are_the_fair_ladders() -> None:
     args = Namespace(seed=0, model="tiny:llama", batch=8, curve_points=4, overrides=[])
     steps = 400
-    cfg = {r: gl.rung_config(PRESET, r, steps, args, 256) for r in ("fixed-kd", "ast-paper", "ast-default")}
-    paper, default, fixed = cfg["ast-paper"].train, cfg["ast-default"].train, cfg["fixed-kd"].train
+    cfg = {r: gl.rung_config(PRESET, r, steps, args, 256) for r in ("fixed-kd-u2", "ast-paper", "ast-official")}
+    paper, official, fixed = cfg["ast-paper"].train, cfg["ast-official"].train, cfg["fixed-kd-u2"].train
     assert paper.lambda_max == pytest.approx(1e-4 * 40_000 / steps) and paper.t0 == steps // 4
     assert paper.second_moment == "update" and paper.refresh_score == "magnitude"
-    assert default.refresh_score == "wanda" and default.t0 == steps // 2 and default.second_moment == "update"
+    assert official.refresh_score == "wanda" and (official.lambda_max, official.t0) == (paper.lambda_max, paper.t0)
+    assert official.second_moment == "update" == fixed.second_moment and gl.TRAINED[1:] == ("ast-paper", "ast-official")
     assert fixed.spec.distils and not fixed.spec.adaptive
     assert {c.train.steps for c in cfg.values()} == {steps} and {c.train.batch_size for c in cfg.values()} == {8}
     assert {c.data.seq_len for c in cfg.values()} == {256} and {c.seed for c in cfg.values()} == {0}
