@@ -9,7 +9,7 @@ generated while a benchmark runs never reads half a PNG.
 
 API (keep it small; other bench scripts import it):
 
-- ``figure(title, xlabel, ylabel, logx=False, logy=False) -> (fig, ax)``
+- ``figure(title, xlabel, ylabel, logx=False, logy=False) -> (fig, ax)`` (tasks.plots.figure, shared with the runs)
 - ``save(fig, path) -> path``
 - ``line_plot(path, series, title=..., xlabel=..., ylabel=..., logx, logy, hlines) -> path``
 - ``bar_plot(path, labels, values, title=..., ylabel=..., logy) -> path``
@@ -19,30 +19,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Mapping, Sequence
 
-from tasks.plots import save_png
+from tasks.plots import figure, save_png
 
 Series = tuple[Sequence[float], Sequence[float]]
-
-
-def figure(title: str, xlabel: str = "", ylabel: str = "", *, logx: bool = False, logy: bool = False,
-           size: tuple[float, float] = (7.5, 4.5)) -> tuple[Any, Any]:
-    """A fresh Agg figure with one grid-lined axes, titled and labelled."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    fig = Figure(figsize=size, dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    ax.set_title(title)
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(True, which="both", alpha=0.3)
-    if logx:
-        ax.set_xscale("log")
-    if logy:
-        ax.set_yscale("log")
-    return fig, ax
 
 
 save = save_png  # write ``fig`` as a PNG at ``path`` atomically; returns the path

@@ -27,14 +27,22 @@ def read_history(path: Path) -> list[dict[str, float]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _figure(title: str, height: float = 4.0):
+def figure(title: str, xlabel: str = "", ylabel: str = "", *, logx: bool = False, logy: bool = False,
+           size: tuple[float, float] = (7.0, 4.0)) -> tuple[Any, Any]:
+    """A fresh Agg figure with one grid-lined axes, titled and labelled (the runs' plots and the benchmarks')."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(7, height), dpi=100)
+    fig = Figure(figsize=size, dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
     ax.set_title(title)
-    ax.grid(True, alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if logx:
+        ax.set_xscale("log")
+    if logy:
+        ax.set_yscale("log")
     return fig, ax
 
 
@@ -59,7 +67,7 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
     if not history:
         return []
     written = []
-    fig, ax = _figure("training loss (KD: α·KL + (1-α)·CE)", height=5.5)
+    fig, ax = figure("training loss (KD: α·KL + (1-α)·CE)", size=(7, 5.5))
     marker = "." if len(history) < 50 else None
     for key in ("loss", "ce"):
         xs, ys = _series(history, key)
@@ -79,7 +87,7 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
         ax.set_xlabel("step")
     written.append(save_png(fig, out_dir / TRAIN_PLOTS[0]))
 
-    fig, ax = _figure("mask flip rate per refresh")
+    fig, ax = figure("mask flip rate per refresh")
     drawn = False
     for key, label in (("flip_rate_prev", "since previous refresh"), ("flip_rate_init", "since initial mask")):
         xs, ys = _series(history, key, positive=True)  # log scale: a 0 flip rate cannot be drawn
@@ -96,7 +104,7 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
     ax.set_ylabel("fraction of mask bits changed")
     written.append(save_png(fig, out_dir / TRAIN_PLOTS[1]))
 
-    fig, ax = _figure("schedules: SR-STE decay λ(t) and learning rate")
+    fig, ax = figure("schedules: SR-STE decay λ(t) and learning rate")
     xs, lam = _series(history, "lam")
     ax.plot(xs, lam, color="tab:red", label="λ(t)")
     ax.set_xlabel("step")
@@ -109,7 +117,7 @@ def training_plots(history: list[dict[str, float]], out_dir: Path) -> list[Path]
 
     xs, ys = _series(history, "val_ppl")
     if xs:  # only with train.eval_every
-        fig, ax = _figure("validation perplexity vs training step (fixed held-out blocks)")
+        fig, ax = figure("validation perplexity vs training step (fixed held-out blocks)")
         ax.plot(xs, ys, marker="o", color="tab:purple")
         ax.set_xlabel("step")
         ax.set_ylabel("perplexity")
@@ -124,7 +132,7 @@ def perplexity_plot(metrics: dict[str, Any], out_dir: Path) -> list[Path]:
         return []
     labels = ["dense", str(metrics.get("method", "sparse"))]
     values = [float(metrics["ppl_wikitext2_dense"]), float(metrics["ppl_wikitext2"])]
-    fig, ax = _figure("WikiText-2 perplexity (lower is better)")
+    fig, ax = figure("WikiText-2 perplexity (lower is better)")
     bars = ax.bar(labels, values, color=["tab:gray", "tab:green"])
     for bar, v in zip(bars, values):
         ax.annotate(f"{v:.2f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom")
