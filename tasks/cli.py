@@ -55,6 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     lr = sub.add_parser("log-run", help="log a finished run directory to MLflow after the fact")
     lr.add_argument("path", help="the run directory (--out)")
     lr.add_argument("--params", default=None, help="the params file it ran with (recorded as a tag)")
+    lr.add_argument("--force", action="store_true", help="log it even when MLflow already holds a run of it")
     return p
 
 
@@ -102,8 +103,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0 if report.ok else 2
     if args.command == "log-run":
         from .tracking import log_run_dir
-        run_id = log_run_dir(Path(args.path), params_file=args.params)
-        print(f"logged {args.path} to MLflow as run {run_id}")
+        run_id, new = log_run_dir(Path(args.path), params_file=args.params, force=args.force)
+        print(f"logged {args.path} to MLflow as run {run_id}" if new else
+              f"{args.path} is already logged to MLflow as run {run_id} (--force logs it again)")
         return 0
     cfg = load_config(args.params, args.overrides)  # validated before any work
     if args.command == "evaluate-model":

@@ -282,7 +282,20 @@ class MlflowTracker(Tracker):
             self.call(f"ending the {run.stage} run", self.client.set_terminated, run.run_id, status, force=True)
 
     def close(self, status: str) -> None:
+        if not self.broken:  # what the run holds, so that `log-run` of the same directory finds it
+            self.call("tagging the pipeline run", self.client.set_tag, self.parent_id, RUN_KEY_TAG, run_key(self.ctx))
         self.call("ending the pipeline run", self.client.set_terminated, self.parent_id, status, force=True)
+
+
+RUN_KEY_TAG = "ast.run_key"
+"""A logged run's content key (:func:`run_key`): ``log-run`` finds a directory logged before by it."""
+
+
+def run_key(ctx: RunContext) -> str:
+    """The fingerprints of the run's finished stages (each covers its inputs and settings): equal for two
+    loggings of the same results, different once another stage has finished or one was re-run."""
+    from .common import hash_json
+    return hash_json({s: (ctx.done(s) or {}).get("fingerprint") for s in STAGES if ctx.done(s) is not None})
 
 
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
@@ -372,17 +385,19 @@ def pipeline_run(ctx: RunContext, *, reuse: bool, params_file: str | None = None
         yield tracker
 
 
-def log_run_dir(out: Path, params_file: str | None = None) -> str:
-    """Log a run directory to MLflow after the fact; returns the new parent run's id.
+def log_run_dir(out: Path, params_file: str | None = None, force: bool = False) -> tuple[str, bool]:
+    """Log a run directory to MLflow after the fact; returns (the parent run's id, whether it is new).
 
     What a live run logs, read back from the directory: the validated config
     (``run.json``, or ``params_file`` for a run of single stages that wrote
     none) as params, each finished stage as a nested run with its metrics,
     files and plots, the training history as per-step metrics, and the lineage
     tags (the git commit ``run.json`` recorded; none when it recorded none).
-    A reader: it takes no lock and writes nothing into the directory. A new
-    parent run each time (tagged ``ast.logged_late``); a failure exits 2 and can
-    simply be retried.
+    A reader: it takes no lock and writes nothing into the directory. The
+    parent run is tagged ``ast.logged_late`` and with the directory's
+    :func:`run_key`; when the experiment already holds a run with that key (a
+    live run that did log, or an earlier ``log-run``), nothing is logged and its
+    id is returned, unless ``force``. A failure exits 2 and can simply be retried.
     """
     from .config import load_config, parse_config
     out = Path(out).resolve()
@@ -408,6 +423,13 @@ def log_run_dir(out: Path, params_file: str | None = None) -> str:
     try:
         client = MlflowClient(tracking_uri=uri)
         experiment_id = _experiment(client, cfg.name, uri)
+        key = run_key(ctx)
+        if not force:
+            seen = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_KEY_TAG}` = '{key}'",
+                                      max_results=1)
+            if seen:
+                log.info("tracking: %s is already logged as MLflow run %s", out, seen[0].info.run_id)
+                return seen[0].info.run_id, False
         run = client.create_run(experiment_id, run_name=f"{cfg.name}-{cfg.train.method}-{config_hash(cfg)[:6]}",
                                 tags={"ast.kind": "pipeline", "ast.logged_late": "true"})
     except Exception as exc:  # noqa: BLE001 - any client/store failure: say where, and that a retry is safe
@@ -429,4 +451,4 @@ def log_run_dir(out: Path, params_file: str | None = None) -> str:
         raise StageError(f"logging {out} to MLflow at {uri} failed part-way (see the warning above); run "
                          f"`ast-pipeline log-run {out}` again (a new run; delete run {tracker.parent_id})")
     log.info("tracking: logged %s as MLflow run %s (experiment %r) in %s", out, tracker.parent_id, cfg.name, uri)
-    return tracker.parent_id
+    return tracker.parent_id, True

@@ -296,3 +296,13 @@ def test_a_run_untracked_during_an_outage_is_logged_later_with_its_per_step_metr
     assert [m.step for m in val] == [h["step"] for h in history if "val_ppl" in h]
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert "plots/train_loss.png" in arts and "plots/ppl.png" in arts
+
+    # a second log-run of the same directory finds the first and logs nothing; --force logs it again
+    capsys.readouterr()
+    assert main(["log-run", str(out)]) == 0
+    assert f"already logged to MLflow as run {parent.info.run_id}" in capsys.readouterr().out
+
+    def n_parents() -> int:
+        return len([r for r in client.search_runs([exp.experiment_id]) if "mlflow.parentRunId" not in r.data.tags])
+    assert n_parents() == 1
+    assert main(["log-run", str(out), "--force"]) == 0 and n_parents() == 2

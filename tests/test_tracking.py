@@ -77,6 +77,14 @@ def test_a_pipeline_run_is_one_parent_with_a_nested_run_per_stage(tracked: Simpl
 
 
 @pytest.mark.slow
+def test_log_run_of_a_directory_a_live_run_logged_logs_nothing(tracked: SimpleNamespace, monkeypatch) -> None:
+    from tasks.tracking import log_run_dir
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracked.uri)
+    assert log_run_dir(tracked.out) == (tracked.parent.info.run_id, False)
+    assert len([r for r in _runs(tracked.uri) if PARENT not in r.data.tags]) == 1
+
+
+@pytest.mark.slow
 @pytest.mark.ci
 def test_training_steps_are_logged_as_metric_histories(tracked: SimpleNamespace) -> None:
     train_id = tracked.children["train"].info.run_id
