@@ -246,7 +246,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
             control = CONTROL  # its own control not run (yet): compare with plain fixed-kd, and say so
         for r in rs:
             c = ref.get((steps, r["job"]["seed"], control))
-            if c is not None and rung != control and r["metrics"].get("ppl_window_nll") \
+            if c is not None and rung != control and rung not in ONE_SHOT and r["metrics"].get("ppl_window_nll") \
                     and c["metrics"].get("ppl_window_nll"):
                 ratios.append(ppl_ratio_interval(r["metrics"]["ppl_window_nll"], c["metrics"]["ppl_window_nll"]))
         cum, per = zip(*(mask_change(r["history"]) for r in rs))
@@ -366,7 +366,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
               "planned": planned, "done": len(results), "best_ast": best,
               "rows": summarize(results),
               "zero_shot_limit": args.zero_shot_limit,
-              "headline_rows": ladder_eval.summarize(headline or [], control_of, RUNGS),
+              "headline_rows": ladder_eval.summarize(headline or [], control_of, RUNGS, ONE_SHOT),
               "curves": {f"{r['job']['rung']} ({r['job']['steps']} steps)":
                          [[h["tokens"], h["val_ppl"]] for h in r["history"] if "val_ppl" in h]
                          for r in results if r["job"]["seed"] == min(args.seeds) and r["history"]},

@@ -72,15 +72,17 @@ def run_eval(work: Path, record: dict, tasks: list[str], limit: int, batch_size:
             "wall_s": time.perf_counter() - t0}
 
 
-def summarize(records: list[dict], control_of: Callable[[str], str], order: tuple[str, ...]) -> list[dict]:
+def summarize(records: list[dict], control_of: Callable[[str], str], order: tuple[str, ...],
+              references: tuple[str, ...] = ()) -> list[dict]:
     """One row per (budget, seed, rung): whole-split perplexity with its interval and paired ratio to the rung's
     fixed-mask control; accuracy ± stderr per task, the mean over tasks, and the paired difference in per-item
-    accuracy to the control (when both were scored on the same windows / items)."""
+    accuracy to the control (when both were scored on the same windows / items). ``references`` (the untrained
+    rungs) are compared with no control."""
     by = {(r["job"]["steps"], r["job"]["seed"], r["job"]["rung"]): r for r in records}
     rows = []
     for (steps, seed, rung), r in sorted(by.items(), key=lambda kv: (kv[0][0], kv[0][1], order.index(kv[0][2]))):
         control = control_of(rung)
-        c = by.get((steps, seed, control))
+        c = by.get((steps, seed, control)) if rung not in references else None
         diff = ratio = None
         if c is not None and rung != control and len(c["window_nll"]) == len(r["window_nll"]):
             ratio = ppl_ratio_interval(r["window_nll"], c["window_nll"])

@@ -70,6 +70,7 @@ def test_best_setting_is_chosen_on_validation_and_verdicts_need_every_seed() -> 
         _job("ast-paper", 1, 96.0, 99.0, [x - 0.05 for x in base]),
         _job("ast-default", 0, 100.0, 80.0, [x + (0.01 if i % 2 else -0.01) for i, x in enumerate(base)]),
         _job("ast-default", 1, 100.0, 80.0, [x - 0.05 for x in base]),
+        _job("dense", 0, 30.0, 30.0, [x - 1.0 for x in base]),
     ]
     assert fl.best_ast(results, 40) == "ast-default"
     rows = fl.summarize(results)
@@ -81,6 +82,7 @@ def test_best_setting_is_chosen_on_validation_and_verdicts_need_every_seed() -> 
     assert "ast-paper: better than fixed-kd" in text  # both seeds' paired intervals below 1
     assert "ast-default: no measurable difference from fixed-kd" in text  # one seed straddles 1
     assert by["ast-paper"]["control"] == "fixed-kd"  # its own control (fixed-kd-u2) has not run: said so
+    assert by["dense"]["ratio_to_control"] == []  # a reference, not a rung with a fixed-mask control
 
 
 def test_a_small_ladder_runs_resumes_and_reports(tmp_path: Path) -> None:
