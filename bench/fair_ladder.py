@@ -11,7 +11,9 @@ teacher targets, for every rung alike.
   fixed-kd    fixed mask, the same KD as AST (no refresh, no decay): the control
   ast-paper   AST as the paper's text: magnitude refresh, v tracks u², λ_max = 1e-4 × 40k / steps
   ast-official AST as the official code: frozen-Wanda refresh, v tracks u², the same λ
-  ast-default AST with the library's settings: Wanda refresh, λ_max 1e-4, T0 50 %, AdamW's second moment
+  ast-default AST with the library's λ_max 1e-4, T0 50 %, Wanda refresh and AdamW's second moment (the
+              library's defaults until 2026-11-30)
+  ast-default-u2  the same with the u² second moment: the library's defaults since then
   ast-boosted-mean / -lstsq  AST-Boosted with the paper's / the least-squares SLoRB init
 
 The paper's λ_max = 1e-4 was set for 40k steps; ``ast-paper`` keeps λ_max·steps
@@ -64,7 +66,7 @@ from tasks.tables import gap_closed, markdown_table  # noqa: E402
 
 PAPER_LAMBDA, PAPER_STEPS = 1e-4, 40_000
 ONE_SHOT = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt")
-AST_CHOICES = ("ast-paper", "ast-official", "ast-default")  # "AST in its best setting" is one of these
+AST_CHOICES = ("ast-paper", "ast-official", "ast-default", "ast-default-u2")  # "AST in its best setting" is one of these
 CONTROL = "fixed-kd"
 CONTROL_U2 = "fixed-kd-u2"
 
@@ -98,6 +100,8 @@ def rung_overrides(name: str, steps: int) -> list[str]:
         # whatever the preset says (smollm2-quick moved to `update` after the first jobs ran)
         "ast-default": ["train.method=ast-naive", f"train.t0_steps={max(1, steps // 2)}",
                         "train.second_moment=gradient"],
+        "ast-default-u2": ["train.method=ast-naive", f"train.t0_steps={max(1, steps // 2)}",
+                           "train.second_moment=update"],
         "ast-boosted-mean": ["train.method=ast-boosted", "train.slorb_init=mean",
                              f"train.t0_steps={max(1, steps // 2)}", "train.second_moment=gradient"],
         "ast-boosted-lstsq": ["train.method=ast-boosted", "train.slorb_init=lstsq",
@@ -109,7 +113,7 @@ def rung_overrides(name: str, steps: int) -> list[str]:
 
 
 RUNGS = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt", "naive", "fixed-kd", "fixed-kd-u2",
-         "ast-paper", "ast-official", "ast-default", "ast-boosted-mean", "ast-boosted-lstsq")
+         "ast-paper", "ast-official", "ast-default", "ast-default-u2", "ast-boosted-mean", "ast-boosted-lstsq")
 
 
 def base_overrides(steps: int, seed: int, windows: int | None, calib_blocks: int, val_blocks: int,
@@ -148,7 +152,7 @@ def plan(seeds: list[int], budgets: list[int], best: str | None, headline: bool 
     """Jobs in priority order: what decides the question first, then the larger budgets, (the headline
     evaluation of the first seed's decisive rungs and references,) then the rest."""
     small, larger = budgets[0], budgets[1:]
-    decisive = (CONTROL, "ast-paper", "ast-default", CONTROL_U2, "ast-official")
+    decisive = (CONTROL, "ast-paper", "ast-default", CONTROL_U2, "ast-official", "ast-default-u2")
     jobs = [Job(small, s, r) for s in seeds for r in decisive]
     jobs += [Job(small, seeds[0], r) for r in ("dense", "oneshot-sparsegpt")]
     for b in larger:  # one seed at the larger budgets

@@ -26,6 +26,12 @@ def test_rungs_differ_only_in_what_they_claim_to() -> None:
     u2 = cfgs["fixed-kd-u2"].train  # the control of the u² rungs differs from fixed-kd in that form only
     assert u2.second_moment == "update" and not u2.spec.adaptive and fl.control_of("ast-official") == "fixed-kd-u2"
     assert fl.control_of("ast-default") == "fixed-kd" and fl.control_of("fixed-kd-u2") == "fixed-kd"
+    assert fl.control_of("ast-default-u2") == "fixed-kd-u2"
+    # ast-default-u2 is what the preset runs (its own train section, the library's second moment)
+    preset = load_config(TINY, base).train
+    mine = cfgs["ast-default-u2"].train
+    assert (mine.second_moment, mine.lambda_max, mine.refresh_score) == (
+        preset.second_moment, preset.lambda_max, preset.refresh_score)
     assert {c.data.calib_blocks for c in cfgs.values()} == {256}  # one calibration for every rung
     assert cfgs["oneshot-sparsegpt"].evaluate.max_windows == 128
     with pytest.raises(Exception, match="unknown rung"):
