@@ -132,7 +132,9 @@ print(json.dumps(out))
     assert got["boosted"] == pytest.approx(m["ppl_wikitext2"], rel=1e-5)
     assert got["boosted"] == pytest.approx(m["ppl_wikitext2_trained"], rel=m["export_check"]["ppl_rtol"])
     assert got["base"] == pytest.approx(m["ppl_wikitext2_base_only"], rel=1e-5)
-    assert got["base"] != pytest.approx(got["boosted"], rel=1e-3)  # the adapter is the SLoRB branch
+    # the adapter is the SLoRB branch: it moves the perplexity by far more than the 1e-5 the stock and our numbers
+    # agree to (the tiny random model is near-uniform, so its S moves it by ~4e-4 only)
+    assert got["base"] != pytest.approx(got["boosted"], rel=1e-4)
 
 
 def test_stock_lm_eval_cli_with_peft_reproduces_the_sparse_zero_shot(tiny_run: Path, tmp_path: Path,
@@ -199,7 +201,7 @@ def test_evaluate_model_refuses_a_mismatched_or_broken_adapter(tiny_run: Path, t
 
 def test_an_export_that_does_not_score_like_the_trained_model_fails_the_evaluate_stage(
         tiny_run: Path, tmp_path: Path, capsys) -> None:
-    """A tampered adapter (S scaled): evaluate writes both numbers to metrics.json and exits 2."""
+    """A tampered adapter (S scaled and shifted): evaluate writes both numbers to metrics.json and exits 2."""
     run = tmp_path / "run"
     subprocess.run(["cp", "-r", str(tiny_run), str(run)], check=True)
     (run / "evaluate" / "done.json").unlink()
@@ -207,7 +209,7 @@ def test_an_export_that_does_not_score_like_the_trained_model_fails_the_evaluate
     t = load_file(str(f))
     for k in t:
         if k.endswith("lora_B.weight"):
-            t[k] = t[k] * 1.5
+            t[k] = t[k] * 1.5 + 0.05  # the tiny model's S is ~1e-2: scaling alone barely moves its perplexity
     save_file(t, str(f), metadata={"format": "pt"})
     capsys.readouterr()
     assert main(["stage", "evaluate", "--params", TINY, "--out", str(run), "--no-progress"]) == 2
