@@ -11,9 +11,8 @@ teacher targets, for every rung alike.
   fixed-kd    fixed mask, the same KD as AST (no refresh, no decay): the control
   ast-paper   AST as the paper's text: magnitude refresh, v tracks u², λ_max = 1e-4 × 40k / steps
   ast-official AST as the official code: frozen-Wanda refresh, v tracks u², the same λ
-  ast-default AST with the library's λ_max 1e-4, T0 50 %, Wanda refresh and AdamW's second moment (the
-              library's defaults until 2026-11-30)
-  ast-default-u2  the same with the u² second moment: the library's defaults since then
+  ast-default AST with the library's defaults: λ_max 1e-4, T0 50 %, Wanda refresh, AdamW's second moment
+  ast-default-u2  the same with the u² second moment (the form that wins with a fixed mask)
   ast-boosted-mean / -lstsq  AST-Boosted with the paper's / the least-squares SLoRB init
 
 The paper's λ_max = 1e-4 was set for 40k steps; ``ast-paper`` keeps λ_max·steps
@@ -97,7 +96,7 @@ def rung_overrides(name: str, steps: int) -> list[str]:
         "ast-official": ["train.method=ast-naive", "train.refresh_score=wanda", *paper],
         # the library's AST defaults (Wanda refresh, the preset's λ, v tracks (g+λd)², AdamW's form); T0 kept
         # at the preset's share of the steps (50%). Each rung names its second moment, so the rung means the same
-        # whatever the preset says (smollm2-quick moved to `update` after the first jobs ran)
+        # whatever the preset says (smollm2-quick used `update` for a while)
         "ast-default": ["train.method=ast-naive", f"train.t0_steps={max(1, steps // 2)}",
                         "train.second_moment=gradient"],
         "ast-default-u2": ["train.method=ast-naive", f"train.t0_steps={max(1, steps // 2)}",

@@ -27,11 +27,12 @@ def test_rungs_differ_only_in_what_they_claim_to() -> None:
     assert u2.second_moment == "update" and not u2.spec.adaptive and fl.control_of("ast-official") == "fixed-kd-u2"
     assert fl.control_of("ast-default") == "fixed-kd" and fl.control_of("fixed-kd-u2") == "fixed-kd"
     assert fl.control_of("ast-default-u2") == "fixed-kd-u2"
-    # ast-default-u2 is what the preset runs (its own train section, the library's second moment)
+    # ast-default is the preset's AST (its λ, refresh and the library's second moment); -u2 differs in the form
     preset = load_config(TINY, base).train
-    mine = cfgs["ast-default-u2"].train
-    assert (mine.second_moment, mine.lambda_max, mine.refresh_score) == (
-        preset.second_moment, preset.lambda_max, preset.refresh_score)
+    for rung, form in (("ast-default", preset.second_moment), ("ast-default-u2", "update")):
+        mine = cfgs[rung].train
+        assert (mine.second_moment, mine.lambda_max, mine.refresh_score) == (form, preset.lambda_max,
+                                                                             preset.refresh_score)
     assert {c.data.calib_blocks for c in cfgs.values()} == {256}  # one calibration for every rung
     assert cfgs["oneshot-sparsegpt"].evaluate.max_windows == 128
     with pytest.raises(Exception, match="unknown rung"):
