@@ -171,3 +171,20 @@ def test_a_small_ladder_gives_headline_rows_paired_per_window_and_item_and_refus
     train["metrics"]["ppl_window_nll"] = [x + 0.01 for x in other["metrics"]["ppl_window_nll"]]
     with pytest.raises(StageError, match="not the model the job measured"):
         ladder_eval.run_eval(tmp_path / "w", train, ["piqa"], 2, 4, None, max_windows=3)
+
+
+@pytest.mark.parametrize("record", sorted((REPO / "bench" / "results" / "fair_ladder_eval").glob("*.json")),
+                         ids=lambda p: p.stem)
+def test_the_recorded_headline_rows_extend_their_training_jobs(record: Path) -> None:
+    """Each committed headline evaluation scored its training job's model (the job's windows give the losses it
+    recorded), on the whole split, and its accuracies are the means of the items it kept."""
+    from bench.ladder_eval import CHECK_TOL
+    ev = json.loads(record.read_text())
+    train = json.loads((REPO / "bench" / "results" / "fair_ladder_jobs" / f"{record.stem.removeprefix('eval-')}.json")
+                       .read_text())
+    assert ev["job"] == train["job"]
+    want = train["metrics"]["ppl_window_nll"]
+    assert ev["window_nll"][:len(want)] == pytest.approx(want, abs=CHECK_TOL)
+    assert ev["ppl_windows"] == len(ev["window_nll"]) == 595  # the whole WikiText-2 test split at 512 tokens
+    for task, items in ev["items"].items():
+        assert len(items) == ev["docs"][task] <= ev["limit"] and sum(items) / len(items) == pytest.approx(ev["acc"][task])
