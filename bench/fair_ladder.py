@@ -435,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
     done, ev_done = load_done(work), load_done(work, "eval")
     pre = load_config(params, args.overrides)
     zs_tasks = args.zero_shot_tasks or pre.evaluate.zero_shot.tasks
-    ran = 0
+    ran, skipped = 0, set()  # evaluation jobs whose training job's export is gone: said once, not retried
     try:
         while True:
             results = list(done.values())
@@ -446,15 +446,20 @@ def main(argv: list[str] | None = None) -> int:
             todo = [j for j in jobs if j.key not in finished]
             if args.jobs is not None:
                 todo = [parse_job(k) for k in args.jobs if k not in finished]
-            todo = [j for j in todo if j.trained.key in done or j.kind == "train"]  # evaluation after training
+            todo = [j for j in todo if (j.trained.key in done or j.kind == "train") and j.key not in skipped]
             if args.report_only or not todo or (args.max_jobs is not None and ran >= args.max_jobs):
                 break
             job = todo[0]
             print(f"[{len(finished) + 1}/{len(jobs)}] {job.key}", flush=True)
             t = time.perf_counter()
             if job.kind == "eval":
-                res = ladder_eval.run_eval(work, done[job.trained.key], zs_tasks, args.zero_shot_limit,
-                                           pre.evaluate.zero_shot.batch_size, commit, args.headline_windows)
+                try:
+                    res = ladder_eval.run_eval(work, done[job.trained.key], zs_tasks, args.zero_shot_limit,
+                                               pre.evaluate.zero_shot.batch_size, commit, args.headline_windows)
+                except ladder_eval.ExportMissing as err:
+                    print(f"    skipped: {err}", flush=True)
+                    skipped.add(job.key)
+                    continue
                 write_json(work / "eval" / f"{job.key}.json", res)
                 ev_done[job.key] = res
                 what = f"whole-split ppl {res['ppl']:.2f}; " + ", ".join(f"{t} {a:.3f}" for t, a in res["acc"].items())

@@ -29,6 +29,10 @@ CHECK_TOL = 1e-4
 by ~1e-2 on average; the same model in the same process shape by ~1e-7)."""
 
 
+class ExportMissing(StageError):
+    """The training job's export is not on disk (its run folder was removed): the evaluation is skipped."""
+
+
 def export_dirs(work: Path, steps: int, seed: int, rung: str) -> tuple[Path, Path | None]:
     """The job's export as a user takes it: the model folder and, for SLoRB rungs, its PEFT adapter."""
     hf = Path(work) / f"steps{steps}" / f"seed{seed}" / rung / "export" / "hf"
@@ -49,8 +53,8 @@ def run_eval(work: Path, record: dict, tasks: list[str], limit: int, batch_size:
     job = record["job"]
     hf, adapter = export_dirs(work, job["steps"], job["seed"], job["rung"])
     if not (hf / "config.json").is_file():
-        raise StageError(f"evaluation of {job}: no export at {hf} (the job's run folder is gone); "
-                         "re-run the training job, or leave this rung out")
+        raise ExportMissing(f"evaluation of {job}: no export at {hf} (the job's run folder is gone); "
+                            "re-run the training job, or leave this rung out")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     t0 = time.perf_counter()
     model = load_exported(hf, adapter)

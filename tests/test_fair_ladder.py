@@ -171,6 +171,12 @@ def test_a_small_ladder_gives_headline_rows_paired_per_window_and_item_and_refus
     train["metrics"]["ppl_window_nll"] = [x + 0.01 for x in other["metrics"]["ppl_window_nll"]]
     with pytest.raises(StageError, match="not the model the job measured"):
         ladder_eval.run_eval(tmp_path / "w", train, ["piqa"], 2, 4, None, max_windows=3)
+    # a job whose export was removed is skipped with a message, and the ladder goes on with the next job
+    import shutil
+    shutil.rmtree(tmp_path / "w" / "steps2" / "seed0" / "fixed-kd" / "export")
+    shutil.rmtree(tmp_path / "w" / "eval")
+    assert fl.main([*args[:args.index("--jobs")], "--jobs", "eval-s2-seed0-fixed-kd", "eval-s2-seed0-ast-default"]) == 0
+    assert sorted(p.name for p in (tmp_path / "w" / "eval").iterdir()) == ["eval-s2-seed0-ast-default.json"]
 
 
 @pytest.mark.parametrize("record", sorted((REPO / "bench" / "results" / "fair_ladder_eval").glob("*.json")),
