@@ -216,15 +216,19 @@ def final_val_ppl(history: list[dict]) -> float | None:
 
 
 def best_ast(results: list[dict], steps: int) -> str | None:
-    """The AST setting with the lowest mean final C4 *validation* perplexity at ``steps`` (never the test)."""
-    means = {}
-    for name in AST_CHOICES:
-        vals = [final_val_ppl(r["history"]) for r in results
-                if r["job"]["rung"] == name and r["job"]["steps"] == steps]
-        vals = [v for v in vals if v is not None]
-        if vals:
-            means[name] = sum(vals) / len(vals)
-    return min(means, key=means.get) if means else None
+    """The AST setting with the lowest mean final C4 *validation* perplexity at ``steps`` (never the test), over
+    the seeds every candidate that ran has run (a setting with an easier seed alone must not win)."""
+    by: dict[str, dict[int, float]] = {}
+    for r in results:
+        v = final_val_ppl(r["history"])
+        if r["job"]["rung"] in AST_CHOICES and r["job"]["steps"] == steps and v is not None:
+            by.setdefault(r["job"]["rung"], {})[r["job"]["seed"]] = v
+    if not by:
+        return None
+    common = set.intersection(*(set(s) for s in by.values()))
+    means = {n: sum(v for s, v in vals.items() if s in common or not common) / len(common or vals)
+             for n, vals in by.items()}
+    return min(means, key=means.get)
 
 
 def summarize(results: list[dict]) -> list[dict[str, Any]]:

@@ -80,6 +80,10 @@ def test_best_setting_is_chosen_on_validation_and_verdicts_need_every_seed() -> 
         _job("dense", 0, 30.0, 30.0, [x - 1.0 for x in base]),
     ]
     assert fl.best_ast(results, 40) == "ast-default"
+    # a setting run on seed 0 only is compared on seed 0: its 85 beats ast-default's 80 + 90 mean of 85 only there
+    uneven = [_job("ast-default", 0, 100.0, 80.0, base), _job("ast-default", 1, 100.0, 90.0, base),
+              _job("ast-official", 0, 100.0, 84.0, base)]
+    assert fl.best_ast(uneven, 40) == "ast-default"
     rows = fl.summarize(results)
     by = {r["rung"]: r for r in rows}
     assert by["ast-paper"]["ppl_mean"] == pytest.approx(95.5) and by["ast-paper"]["ppl_sd"] == pytest.approx(0.7071,
