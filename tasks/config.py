@@ -100,7 +100,8 @@ class TrainConfig(_Section):
     #   with update (one seed, the same run otherwise; bench/results/preset_second_moment/). With update the SLoRB
     #   branch recovers less (2:4 base alone 104.25 -> 100.65 with it, against 111.54 -> 95.79).
     # So the default stays AdamW's form (exactly AdamW at lambda = 0); set update for fixed-kd runs. For AST-Naive
-    # with this lambda one seed is split: validation 108.32 -> 107.09 with update, WikiText-2 85.69 -> 87.30.
+    # with this lambda the two seeds split: validation 108.32 -> 107.09 and 115.13 -> 112.26 with update, but
+    # WikiText-2 85.69 -> 87.30 and 87.12 -> 87.82.
     second_moment: Literal["gradient", "update"] = Field(
         "gradient", description="AST-AdamW v tracks (g + decay)^2 (AdamW at lambda=0) or u^2 = (m + decay)^2 (the "
         "paper's)")
