@@ -46,29 +46,30 @@ def ppl_interval(window_nll: Sequence[float], n_boot: int = N_BOOT, level: float
     return math.exp(lo), math.exp(hi)
 
 
+def _paired(a: Sequence[float], b: Sequence[float], what: str, unit: str, n_boot: int, level: float,
+            seed: int) -> tuple[float, float, float]:
+    """``mean(a - b)`` and the percentile bootstrap interval of it, resampling the paired ``unit``s."""
+    x, y = _check(a, what), _check(b, what)
+    if x.shape != y.shape:
+        raise ValueError(f"paired {unit} differ in number: {len(x)} vs {len(y)}")
+    diff = x - y
+    means = _resampled_means(diff, n_boot, seed)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(diff.mean()), float(lo), float(hi)
+
+
 def ppl_ratio_interval(nll_a: Sequence[float], nll_b: Sequence[float], n_boot: int = N_BOOT,
                        level: float = LEVEL, seed: int = 0) -> tuple[float, float, float]:
     """``ppl_a / ppl_b`` and its paired-bootstrap interval, both scored on the same windows."""
-    a, b = _check(nll_a, "ppl_ratio_interval"), _check(nll_b, "ppl_ratio_interval")
-    if a.shape != b.shape:
-        raise ValueError(f"paired windows differ in number: {len(a)} vs {len(b)}")
-    diff = a - b
-    means = _resampled_means(diff, n_boot, seed)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return math.exp(diff.mean()), math.exp(lo), math.exp(hi)
+    d, lo, hi = _paired(nll_a, nll_b, "ppl_ratio_interval", "windows", n_boot, level, seed)
+    return math.exp(d), math.exp(lo), math.exp(hi)
 
 
 def paired_diff_interval(a: Sequence[float], b: Sequence[float], n_boot: int = N_BOOT,
                          level: float = LEVEL, seed: int = 0) -> tuple[float, float, float]:
     """``mean(a) - mean(b)`` and its paired-bootstrap interval, over items both were scored on
     (e.g. per-question accuracy of two models on the same questions)."""
-    x, y = _check(a, "paired_diff_interval"), _check(b, "paired_diff_interval")
-    if x.shape != y.shape:
-        raise ValueError(f"paired items differ in number: {len(x)} vs {len(y)}")
-    diff = x - y
-    means = _resampled_means(diff, n_boot, seed)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(diff.mean()), float(lo), float(hi)
+    return _paired(a, b, "paired_diff_interval", "items", n_boot, level, seed)
 
 
 def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
