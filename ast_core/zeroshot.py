@@ -297,8 +297,8 @@ def zero_shot_counted(model: Any, tokenizer: Any, tasks: list[str], limit: int |
 
 @dataclass(frozen=True)
 class ZeroShotResult:
-    """Per task: the metric, lm-eval's standard error of it, the number of documents, and (with
-    ``items=True``) the metric of each document in document order, for paired comparisons."""
+    """Per task: the metric, the number of documents and, with ``items=True``, lm-eval's standard error of
+    the metric and the metric of each document in document order, for paired comparisons."""
 
     scores: dict[str, float]
     stderr: dict[str, float | None]
@@ -309,8 +309,10 @@ class ZeroShotResult:
 def zero_shot_result(model: Any, tokenizer: Any, tasks: list[str], limit: int | None = None,
                      batch_size: int = 8, mirror: Path | None = None, offline: bool = True,
                      metric: str = "acc", cache_dir: Path | None = None, items: bool = False) -> ZeroShotResult:
-    """:func:`zero_shot` with lm-eval's standard errors (closed form for ``acc``: sqrt(p(1-p)/(n-1))) and,
-    with ``items``, each document's score (lm-eval's logged samples, sorted by ``doc_id``)."""
+    """:func:`zero_shot`, and with ``items`` lm-eval's standard errors (closed form for ``acc``:
+    sqrt(p(1-p)/(n-1))) and each document's score (lm-eval's logged samples, sorted by ``doc_id``).
+    Without ``items`` no standard error is computed (None): for a bootstrapped metric such as LAMBADA's
+    perplexity lm-eval would fork a process pool, which the pipeline's evaluate stage has no use for."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -321,9 +323,9 @@ def zero_shot_result(model: Any, tokenizer: Any, tasks: list[str], limit: int | 
     model.eval()
     try:
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-        # bootstrap_iters > 0 only switches stderr on: a mean's (acc's) stderr is closed form, never resampled
+        # bootstrap_iters > 0 switches stderr on: a mean's (acc's) stderr is closed form, never resampled
         out = lm_eval.simple_evaluate(model=lm, tasks=specs, task_manager=manager, num_fewshot=0,
-                                      limit=limit, bootstrap_iters=1000, log_samples=items,
+                                      limit=limit, bootstrap_iters=1000 if items else 0, log_samples=items,
                                       random_seed=None, numpy_random_seed=None, torch_random_seed=None)
     finally:
         model.train(was_training)

@@ -256,6 +256,9 @@ def test_zero_shot_result_gives_each_document_and_lm_evals_stderr(shared_data: P
         p = r.scores[name]
         assert sum(docs) / 12 == pytest.approx(p, abs=1e-12)
         assert r.stderr[name] == pytest.approx(math.sqrt(p * (1 - p) / 11), rel=1e-9)
+    plain = zs.zero_shot_result(model, load_tokenizer("tiny:llama"), ["piqa"], limit=4, mirror=shared_data,
+                                cache_dir=tmp_path)  # the pipeline's call: no stderr, no items
+    assert plain.stderr == {"piqa": None} and plain.items == {} and plain.counts == {"piqa": 4}
 
 
 def _sum_logprob(model: torch.nn.Module, tok, context: str, continuation: str) -> float:
