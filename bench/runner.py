@@ -60,7 +60,7 @@ def configs(params: str, base: list[str], variants: list[Variant]) -> dict[str, 
 def shared_base(params: str, base: list[str], root: Path, method: str = "ast-naive") -> RunContext:
     """``prepare`` + ``cache-teacher`` once, in ``<root>/shared`` (``method`` must use a teacher)."""
     from tasks.pipeline import run_stage
-    return open_shared(load_config(params, [*base, f"train.method={method}"]), root, run_stage)
+    return open_shared(load_config(params, [*base, f"train.method={method}"]), root, run_stage, progress=True)
 
 
 def run_variant(shared: RunContext, cfg: PipelineConfig, variant: Variant, root: Path,
@@ -71,7 +71,8 @@ def run_variant(shared: RunContext, cfg: PipelineConfig, variant: Variant, root:
     ``resume``: an interrupted training continues from its last checkpoint (else it starts over).
     """
     from tasks.pipeline import run_stage
-    ctx = open_variant(shared, cfg, root, variant.name, cache=variant.share_cache, resume=resume)
+    # progress bars: a benchmark's variant can train for most of an hour (the fair ladder's largest budget)
+    ctx = open_variant(shared, cfg, root, variant.name, cache=variant.share_cache, resume=resume, progress=True)
     run_stage(ctx, "prepare")  # the linked files match: it only records itself as done here
     start = time.perf_counter()
     for stage in stages:

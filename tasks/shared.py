@@ -45,12 +45,13 @@ def link_shared(shared: RunContext, ctx: RunContext, cache: bool = True) -> None
 SHARED = "shared"
 
 
-def open_shared(cfg, root: Path, run) -> RunContext:  # type: ignore[no-untyped-def]
+def open_shared(cfg, root: Path, run, *, progress: bool = False) -> RunContext:  # type: ignore[no-untyped-def]
     """``prepare`` + ``cache-teacher`` once, in ``<root>/shared``, through ``run(ctx, stage)``
     (:func:`tasks.pipeline.run_stage`, or the flow's Prefect task). ``cfg``'s method must distil,
-    so the shared teacher cache is built."""
+    so the shared teacher cache is built. ``progress``: tqdm bars (the benchmarks, run from a
+    terminal; never under Prefect, whose logs a redrawn bar would garble)."""
     from . import runlock
-    ctx = RunContext.create(cfg, Path(root) / SHARED, progress=False)
+    ctx = RunContext.create(cfg, Path(root) / SHARED, progress=progress)
     with runlock.hold(ctx.out, what="shared base"):
         ctx.claim()
     for stage in ("prepare", "cache-teacher"):
@@ -59,10 +60,11 @@ def open_shared(cfg, root: Path, run) -> RunContext:  # type: ignore[no-untyped-
 
 
 def open_variant(shared: RunContext, cfg, root: Path, name: str, *, cache: bool = True,  # type: ignore[no-untyped-def]
-                 resume: bool = False) -> RunContext:
-    """``<root>/<name>``: one variant's run directory, claimed (under its lock) and linked to the shared base."""
+                 resume: bool = False, progress: bool = False) -> RunContext:
+    """``<root>/<name>``: one variant's run directory, claimed (under its lock) and linked to the shared base
+    (``progress`` as in :func:`open_shared`)."""
     from . import runlock
-    ctx = RunContext.create(cfg, Path(root) / name, resume=resume, progress=False)
+    ctx = RunContext.create(cfg, Path(root) / name, resume=resume, progress=progress)
     with runlock.hold(ctx.out, what=f"variant {name}"):
         ctx.claim()
     link_shared(shared, ctx, cache=cache)
