@@ -386,10 +386,12 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
             xs, ys = budget.setdefault(r["rung"], ([], []))
             xs.append(r["tokens"])
             ys.append(r["ppl_mean"])
-    if budget:
+    refs = {r["rung"]: r["ppl_mean"] for r in report["rows"] if r["rung"] in ("dense", "oneshot-sparsegpt")}
+    if budget:  # budgets grow 4x a step: a log axis spaces them evenly
         plotting.line_plot(out / "fair_ladder_budget.png", budget,
                            title="WikiText-2 perplexity vs training tokens (mean over seeds)",
-                           xlabel="training tokens", ylabel="perplexity (log scale)", logy=True)
+                           xlabel="training tokens (log scale)", ylabel="perplexity (log scale)",
+                           logx=True, logy=True, hlines=refs)
     series = {n: ([p[0] for p in pts], [p[1] for p in pts]) for n, pts in report["curves"].items() if pts}
     if series:
         plotting.line_plot(out / "fair_ladder.png", series,

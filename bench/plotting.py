@@ -26,6 +26,9 @@ from tasks.plots import figure, save_png
 Series = tuple[Sequence[float], Sequence[float]]
 
 
+_MARKERS = ("o", "s", "^", "v", "D", "x", "P", "*")
+_DASHES = ("-", "--", "-.", ":")
+
 save = save_png  # write ``fig`` as a PNG at ``path`` atomically; returns the path
 
 
@@ -46,10 +49,11 @@ def line_plot(path: str | Path, series: Mapping[str, Series], *, title: str, xla
     """
     fig, ax = figure(title, xlabel, ylabel, logx=logx, logy=logy)
     drawn = False
-    for label, (xs, ys) in series.items():
+    for i, (label, (xs, ys)) in enumerate(series.items()):
         px, py = _drawable(xs, ys, logx, logy)
-        if px:
-            ax.plot(px, py, marker="o", markersize=3.5, label=label)
+        if px:  # each line its own marker and dash: two rungs that tie stay visible on top of each other
+            ax.plot(px, py, marker=_MARKERS[i % len(_MARKERS)], markersize=5 if i % 2 else 3.5,
+                    linestyle=_DASHES[i % len(_DASHES)], label=label)
             drawn = True
     for i, (label, level) in enumerate((hlines or {}).items()):
         if level is not None and math.isfinite(level) and (level > 0 or not logy):
