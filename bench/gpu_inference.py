@@ -271,8 +271,7 @@ def decode(model: torch.nn.Module, batch: int, context: int, steps: int, timer: 
     row["eager_tok_s"] = batch / row["eager_ms"] * 1e3
     if graphs:
         row.update(_graph_or_error(lambda: timer(step, graph=True), batch))
-    del cache
-    return row
+    return row  # the static cache goes with this frame (and with ``step``, the one closure holding it)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -319,7 +318,8 @@ def run_model(name: str, args: argparse.Namespace, device: torch.device, log: Ca
                                                                  graphs)) for b in args.batches]
             if device.type == "cuda":
                 res["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30 - before
-            del model
+            model = None  # frees the variant's weights before the next one is built (not `del`: the
+            # lambdas above close over the name)
         except Exception as err:  # noqa: BLE001 — one variant failing must not cost the others
             res["error"] = f"{type(err).__name__}: {err}"[:500]
             res["traceback"] = traceback.format_exc()[-2000:]
