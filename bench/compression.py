@@ -58,7 +58,7 @@ def _tensor_bytes(tensors) -> int:  # type: ignore[no-untyped-def]
 def measure(model_spec: str = MODEL, group: int = 16, dtype: torch.dtype = torch.float16,
             work: Path | None = None) -> dict:
     """Byte counts and ratios of both exports of ``model_spec`` (2:4 magnitude masks + SLoRB of ``group``)."""
-    from ast_core.compressed import byte_report, save_compressed
+    from ast_core.compressed import save_compressed
     from ast_core.adapter import ADAPTER_DIR
     from ast_core.export import export_hf
     from ast_core.models import load_model
