@@ -376,7 +376,7 @@ def render_body(d: dict, image: Callable[[str, str], str]) -> Body:
     present = [m for m in LADDER_ORDER if ppl.get(m) is not None]
     chain = " < ".join(f"{m} {ppl[m]:.2f}" for m in present)
     met = all(ppl[a] < ppl[b_] for a, b_ in zip(present, present[1:])) if len(present) >= 2 else None
-    verdicts = [Verdict("perplexity AST-Boosted < AST-Naive < naive retraining < SparseGPT one-shot (DESIGN §5)",
+    verdicts = [Verdict("perplexity AST-Boosted < AST-Naive < naive retraining < SparseGPT one-shot",
                         chain.replace(" < ", ", ") if present else "no rows", met)]
     return Body("\n".join(lines), verdicts)
 
