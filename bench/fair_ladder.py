@@ -225,9 +225,8 @@ def best_ast(results: list[dict], steps: int) -> str | None:
             by.setdefault(r["job"]["rung"], {})[r["job"]["seed"]] = v
     if not by:
         return None
-    common = set.intersection(*(set(s) for s in by.values()))
-    means = {n: sum(v for s, v in vals.items() if s in common or not common) / len(common or vals)
-             for n, vals in by.items()}
+    common = set.intersection(*(set(s) for s in by.values()))  # empty: each setting over its own seeds
+    means = {n: sum(vals[s] for s in (common or vals)) / len(common or vals) for n, vals in by.items()}
     return min(means, key=means.get)
 
 
