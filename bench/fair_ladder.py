@@ -67,6 +67,8 @@ PAPER_LAMBDA, PAPER_STEPS = 1e-4, 40_000
 ONE_SHOT = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt")
 AST_CHOICES = ("ast-paper", "ast-official", "ast-default", "ast-default-u2")  # "AST in its best setting" is one of these
 CONTROL = "fixed-kd"
+# the references every table and plot measures against: the dense model and the best one-shot 2:4 method
+DENSE, ONE_SHOT_BEST = "dense", "oneshot-sparsegpt"
 CONTROL_U2 = "fixed-kd-u2"
 
 
@@ -153,7 +155,7 @@ def plan(seeds: list[int], budgets: list[int], best: str | None, headline: bool 
     small, larger = budgets[0], budgets[1:]
     decisive = (CONTROL, "ast-paper", "ast-default", CONTROL_U2, "ast-official", "ast-default-u2")
     jobs = [Job(small, s, r) for s in seeds for r in decisive]
-    jobs += [Job(small, seeds[0], r) for r in ("dense", "oneshot-sparsegpt")]
+    jobs += [Job(small, seeds[0], r) for r in (DENSE, ONE_SHOT_BEST)]
     for b in larger:  # one seed at the larger budgets
         best_ = best or "ast-default"
         jobs += [Job(b, seeds[0], r) for r in dict.fromkeys((control_of("ast-paper"), "ast-paper",
@@ -240,7 +242,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
            if r["job"]["rung"] in (CONTROL, CONTROL_U2)}
     dense = next((r["metrics"]["ppl_wikitext2_dense"] for r in results if "ppl_wikitext2_dense" in r["metrics"]),
                  None)
-    sgpt = [r["metrics"]["ppl_wikitext2"] for r in results if r["job"]["rung"] == "oneshot-sparsegpt"]
+    sgpt = [r["metrics"]["ppl_wikitext2"] for r in results if r["job"]["rung"] == ONE_SHOT_BEST]
     rows = []
     for (steps, rung), rs in sorted(by.items(), key=lambda kv: (kv[0][0], RUNGS.index(kv[0][1]))):
         rs = sorted(rs, key=lambda r: r["job"]["seed"])
@@ -266,7 +268,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
             "windows": rs[0]["metrics"].get("ppl_windows"),
             "control": control,
             "ratio_to_control": ratios,
-            "gap_closed": gap_closed(mean, sgpt[0] if sgpt else None, dense),
+            "gap_closed": gap_closed(mean, mean_sd(sgpt)[0] if sgpt else None, dense),  # vs its seeds' mean
             "val_ppl_mean": sum(vals) / len(vals) if vals else None,
             "mask_change_vs_init": [c for c in cum if c is not None] or None,
             "flip_per_refresh": [p for p in per if p is not None] or None,
@@ -385,7 +387,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
             xs, ys = budget.setdefault(r["rung"], ([], []))
             xs.append(r["tokens"])
             ys.append(r["ppl_mean"])
-    refs = {r["rung"]: r["ppl_mean"] for r in report["rows"] if r["rung"] in ("dense", "oneshot-sparsegpt")}
+    refs = {r["rung"]: r["ppl_mean"] for r in report["rows"] if r["rung"] in (DENSE, ONE_SHOT_BEST)}
     if budget:  # budgets grow 4x a step: a log axis spaces them evenly
         plotting.line_plot(out / "fair_ladder_budget.png", budget,
                            title="WikiText-2 perplexity vs training tokens (mean over seeds)",

@@ -94,6 +94,11 @@ def test_best_setting_is_chosen_on_validation_and_verdicts_need_every_seed() -> 
     assert "ast-default: no measurable difference from fixed-kd" in text  # one seed straddles 1
     assert by["ast-paper"]["control"] == "fixed-kd"  # its own control (fixed-kd-u2) has not run: said so
     assert by["dense"]["ratio_to_control"] == []  # a reference, not a rung with a fixed-mask control
+    # gap closed against the one-shot reference's mean over its seeds (dense 36): (120 - 100) / (120 - 36)
+    sgpt = [_job(fl.ONE_SHOT_BEST, 0, 110.0, 110.0, base), _job(fl.ONE_SHOT_BEST, 1, 130.0, 130.0, base)]
+    gaps = {r["rung"]: r["gap_closed"] for r in fl.summarize(results + sgpt)}
+    assert gaps["fixed-kd"] == pytest.approx((120.0 - 100.5) / (120.0 - 36.0))
+    assert gaps[fl.ONE_SHOT_BEST] == pytest.approx(0.0)
 
 
 def test_a_small_ladder_runs_resumes_and_reports(tmp_path: Path) -> None:
