@@ -277,6 +277,47 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
     return rows
 
 
+# What each ingredient buys, as the ladder separates it: (ingredient, the rung with it, the same rung without it).
+# The adaptive mask is the verdicts' question (each AST rung vs its fixed-mask control); the u² form is fixed-kd-u2's.
+INGREDIENTS = (("distillation (KD)", CONTROL, "naive"),
+               ("SLoRB, least-squares init", "ast-boosted-lstsq", "ast-default"),
+               ("SLoRB, the paper's mean init", "ast-boosted-mean", "ast-default"))
+
+
+def _word(ratios: list[tuple[float, float, float]]) -> str:
+    """better / worse only when every seed's paired interval excludes 1 on the same side."""
+    return ("better" if max(hi for _, _, hi in ratios) < 1 else "worse" if min(lo for _, lo, _ in ratios) > 1
+            else "no measurable difference")
+
+
+def ingredient_rows(results: list[dict]) -> list[dict[str, Any]]:
+    """Per budget and ingredient: ppl(with) / ppl(without), paired on windows, for every seed both have run."""
+    by = {(r["job"]["steps"], r["job"]["seed"], r["job"]["rung"]): r for r in results}
+    rows = []
+    for steps in sorted({k[0] for k in by}):
+        for what, with_, without in INGREDIENTS:
+            pairs = [(seed, by[(steps, seed, with_)], by[(steps, seed, without)])
+                     for seed in sorted({k[1] for k in by}) if (steps, seed, with_) in by
+                     and (steps, seed, without) in by]
+            ratios = [(seed, ppl_ratio_interval(a["metrics"]["ppl_window_nll"], b["metrics"]["ppl_window_nll"]))
+                      for seed, a, b in pairs if a["metrics"].get("ppl_window_nll")
+                      and b["metrics"].get("ppl_window_nll")]
+            if ratios:
+                rows.append({"steps": steps, "tokens": int(pairs[0][1]["metrics"].get("tokens_trained", 0)),
+                             "ingredient": what, "with": with_, "without": without,
+                             "seeds": [s for s, _ in ratios], "ratio": [r for _, r in ratios],
+                             "verdict": _word([r for _, r in ratios])})
+    return rows
+
+
+def ingredient_table(rows: list[dict[str, Any]]) -> str:
+    head = ["budget (tokens)", "ingredient", "ppl with / without, paired [95% CI] per seed", "seeds", "reading"]
+    body = [[f"{r['tokens']:,}", f"{r['ingredient']} ({r['with']} / {r['without']})",
+             "; ".join(f"{x:.3f} [{lo:.3f}, {hi:.3f}]" for x, lo, hi in r["ratio"]),
+             ",".join(map(str, r["seeds"])), r["verdict"]] for r in rows]
+    return markdown_table(head, body, align="rllll")
+
+
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
     """Per budget and AST rung: better / worse / no measurable difference vs its fixed-mask control.
 
@@ -291,8 +332,8 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         his = [hi for _, _, hi in r["ratio_to_control"]]
         los = [lo for _, lo, _ in r["ratio_to_control"]]
         mean = sum(x for x, _, _ in r["ratio_to_control"]) / len(r["ratio_to_control"])
-        word = ("better than" if max(his) < 1 else "worse than" if min(los) > 1
-                else "no measurable difference from")
+        word = {"better": "better than", "worse": "worse than"}.get(_word(r["ratio_to_control"]),
+                                                                   "no measurable difference from")
         out.append(f"{r['tokens']:,} tokens, {r['rung']}: {word} {r.get('control', CONTROL)} (ppl ratio {mean:.3f}, "
                    f"{len(his)} seed(s), paired 95% intervals {', '.join(f'[{lo:.3f}, {hi:.3f}]' for lo, hi in zip(los, his))})")
     return out
@@ -353,6 +394,9 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
         "",
         *[f"- {v}" for v in verdicts(report["rows"])],
         "",
+        *(["What the other ingredients buy, each rung against the same rung without it (same seed, same "
+           "windows; the same reading rule):", "", ingredient_table(report["ingredients"]), ""]
+          if report.get("ingredients") else []),
         *ladder_eval.render(report.get("headline_rows") or [], report.get("zero_shot_limit")),
         *pics,
         "Plots: `fair_ladder_budget.png` (WikiText-2 perplexity vs training tokens, mean over seeds, per rung), "
@@ -373,6 +417,7 @@ def write_report(results: list[dict], args: argparse.Namespace, planned: int, co
               "eval_seq_len": pre.evaluate.seq_len,
               "planned": planned, "done": len(results), "best_ast": best,
               "rows": summarize(results),
+              "ingredients": ingredient_rows(results),
               "zero_shot_limit": args.zero_shot_limit,
               "headline_rows": ladder_eval.summarize(headline or [], control_of, RUNGS, ONE_SHOT),
               "curves": {f"{r['job']['rung']} ({r['job']['steps']} steps)":

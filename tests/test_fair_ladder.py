@@ -101,6 +101,24 @@ def test_best_setting_is_chosen_on_validation_and_verdicts_need_every_seed() -> 
     assert gaps[fl.ONE_SHOT_BEST] == pytest.approx(0.0)
 
 
+def test_ingredients_are_paired_on_the_seeds_both_rungs_ran() -> None:
+    base = [4.0, 4.2, 3.9, 4.1, 4.05, 3.95]
+    results = [_job("fixed-kd", s, 100.0, 90.0, base) for s in (0, 1, 2)] + [
+        _job("naive", 0, 105.0, 95.0, [x + 0.05 for x in base]), _job("naive", 1, 105.0, 95.0, [x + 0.05 for x in base]),
+        _job("ast-default", 0, 100.0, 90.0, base),
+        # SLoRB better on one window set, worse on the other: no measurable difference
+        _job("ast-boosted-lstsq", 0, 100.0, 90.0, [x + (0.02 if i % 2 else -0.02) for i, x in enumerate(base)]),
+        _job("ast-boosted-mean", 1, 100.0, 90.0, base)]  # its ast-default (seed 1) has not run: no row
+    rows = {r["ingredient"]: r for r in fl.ingredient_rows(results)}
+    kd = rows["distillation (KD)"]
+    assert kd["seeds"] == [0, 1] and kd["verdict"] == "better" and kd["tokens"] == 40 * 512
+    assert kd["ratio"][0][0] == pytest.approx(2.718281828 ** -0.05)  # exp of the mean NLL difference
+    assert rows["SLoRB, least-squares init"]["verdict"] == "no measurable difference"
+    assert "SLoRB, the paper's mean init" not in rows
+    text = fl.ingredient_table(list(rows.values()))
+    assert "fixed-kd / naive" in text and "0,1" in text
+
+
 def test_a_small_ladder_runs_resumes_and_reports(tmp_path: Path) -> None:
     """Three jobs on the tiny preset, then a re-run that runs nothing new and rebuilds the report."""
     args = ["--params", TINY, "--steps", "2", "--seeds", "0", "--windows", "2", "--calib-blocks", "4",
