@@ -30,7 +30,7 @@ class Recipe:
     m: int = 4
     exclude: tuple[str, ...] = ()
     init_mask: str = "wanda"             # wanda | magnitude
-    wanda_refresh: bool = False          # refreshes score by |W|·‖x‖ with the calibration norms frozen
+    wanda_refresh: bool = True           # refreshes score by |W|·‖x‖ with the calibration norms frozen (else |W|)
     slorb_group: int = 16
     slorb_trainable_projection: bool = False
     slorb_init: str = "mean"             # mean | lstsq

@@ -73,4 +73,5 @@ def test_wanda_refresh_applies_only_to_methods_that_refresh() -> None:
     from tasks.config import TrainConfig
     assert TrainConfig(method="ast-naive", refresh_score="wanda").wanda_refresh
     assert not TrainConfig(method="naive", refresh_score="wanda").wanda_refresh  # its mask never refreshes
-    assert not TrainConfig(method="ast-boosted").wanda_refresh  # magnitude, the paper's default
+    assert TrainConfig(method="ast-boosted").wanda_refresh  # the default, from the fair ladder's validation ppl
+    assert not TrainConfig(method="ast-boosted", refresh_score="magnitude").wanda_refresh  # the paper's text

@@ -231,7 +231,8 @@ def teacher() -> torch.nn.Module:
 
 def _cfg(**kw) -> TrainConfig:
     base = dict(method="ast-naive", steps=3, batch_size=2, lr=3e-3, min_lr=3e-4, warmup_steps=1,
-                lambda_max=1e-2, t0_steps=2, refresh_every=2, checkpoint_every=1)
+                lambda_max=1e-2, t0_steps=2, refresh_every=2, checkpoint_every=1,
+                refresh_score="magnitude")  # the students here have no calibration statistics
     base.update(kw)
     return TrainConfig(**base)
 

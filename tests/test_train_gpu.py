@@ -19,7 +19,7 @@ from tasks.config import TrainConfig
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason=cuda_available()[1])
 CFG = TrainConfig(method="ast-boosted", steps=6, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=1,
                   lambda_max=1e-2, t0_steps=2, refresh_every=2, checkpoint_every=3, slorb_group=16,
-                  eval_every=3)
+                  eval_every=3, refresh_score="magnitude")  # no calibration statistics here
 
 
 @needs_cuda

@@ -18,8 +18,11 @@ from tasks.config import TrainConfig
 
 
 def _cfg(**kw) -> TrainConfig:
+    # magnitude refresh: the loop tests build students without calibration statistics (the Wanda refresh,
+    # the default, has its own test below)
     base = dict(method="ast-boosted", steps=6, batch_size=2, lr=3e-3, min_lr=3e-4, warmup_steps=1,
-                lambda_max=1e-2, t0_steps=2, refresh_every=2, checkpoint_every=2, slorb_group=16)
+                lambda_max=1e-2, t0_steps=2, refresh_every=2, checkpoint_every=2, slorb_group=16,
+                refresh_score="magnitude")
     base.update(kw)
     return TrainConfig(**base)
 

@@ -12,7 +12,8 @@ from . import tiny
 SEED = 0
 # global batch 4 = 2 ranks x 2 blocks; refresh every 2 steps so masks adapt during the run
 CFG = TrainConfig(method="ast-boosted", steps=6, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=1,
-                  lambda_max=1e-2, t0_steps=2, refresh_every=2, checkpoint_every=2, slorb_group=16)
+                  lambda_max=1e-2, t0_steps=2, refresh_every=2, checkpoint_every=2, slorb_group=16,
+                  refresh_score="magnitude")  # the students here have no calibration statistics
 
 
 def blocks() -> np.ndarray:

@@ -54,7 +54,7 @@ def config(steps: int) -> TrainConfig:
     """ast-naive (adaptive mask + decay + KD), a checkpoint after every step."""
     return TrainConfig(method="ast-naive", steps=steps, batch_size=2, lr=3e-3, min_lr=3e-4, warmup_steps=1,
                        lambda_max=1e-2, t0_steps=max(1, steps // 3), refresh_every=2, checkpoint_every=1,
-                       log_every=1)
+                       log_every=1, refresh_score="magnitude")  # no calibration statistics here
 
 
 def blocks() -> np.ndarray:
