@@ -15,6 +15,7 @@ oneshot-wanda      no      –         –             no     Wanda, once
 oneshot-sparsegpt  no      –         –             no     SparseGPT, once
 naive              yes     no (CE)   no (fixed)    no     initial mask
 fixed-kd           yes     yes       no (fixed)    no     initial mask
+fixed-kd-slorb     yes     yes       no (fixed)    yes    initial mask
 ast-naive          yes     yes       yes           no     initial mask
 ast-boosted        yes     yes       yes           yes    initial mask
 =================  ======  ========  ============  =====  ==================
@@ -22,6 +23,8 @@ ast-boosted        yes     yes       yes           yes    initial mask
 ``fixed-kd`` is the control that isolates AST's adaptive mask: the same
 initial mask, data, schedule and distillation as ``ast-naive``, but the mask
 never refreshes and no decay is applied to the pruned weights.
+``fixed-kd-slorb`` is the same control for ``ast-boosted``: its SLoRB branch
+on a mask that never moves.
 """
 
 from __future__ import annotations
@@ -54,6 +57,8 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("naive", trains=True, summary="fixed initial mask, cross-entropy only"),
     MethodSpec("fixed-kd", trains=True, distils=True,
                summary="fixed initial mask, the same distillation as AST (no refresh, no decay)"),
+    MethodSpec("fixed-kd-slorb", trains=True, distils=True, slorb=True,
+               summary="fixed-kd + SLoRB side parameters (the control of ast-boosted)"),
     MethodSpec("ast-naive", trains=True, distils=True, adaptive=True,
                summary="AST: adaptive mask (decay + refresh) + distillation"),
     MethodSpec("ast-boosted", trains=True, distils=True, adaptive=True, slorb=True,

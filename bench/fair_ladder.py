@@ -9,10 +9,12 @@ teacher targets, for every rung alike.
   dense · oneshot-magnitude / -wanda / -sparsegpt (calibration: ``--calib-blocks``)
   naive       fixed mask, CE only
   fixed-kd    fixed mask, the same KD as AST (no refresh, no decay): the control
+  fixed-kd-u2 the same with the u² second moment: the control of the u² rungs
   ast-paper   AST as the paper's text: magnitude refresh, v tracks u², λ_max = 1e-4 × 40k / steps
   ast-official AST as the official code: frozen-Wanda refresh, v tracks u², the same λ
   ast-default AST with the library's defaults: λ_max 1e-4, T0 50 %, Wanda refresh, AdamW's second moment
   ast-default-u2  the same with the u² second moment (the form that wins with a fixed mask)
+  fixed-kd-slorb  fixed-kd + SLoRB (least-squares init): the control of ast-boosted-lstsq
   ast-boosted-mean / -lstsq  AST-Boosted with the paper's / the least-squares SLoRB init
 
 The paper's λ_max = 1e-4 was set for 40k steps; ``ast-paper`` keeps λ_max·steps
@@ -72,11 +74,21 @@ DENSE, ONE_SHOT_BEST = "dense", "oneshot-sparsegpt"
 CONTROL_U2 = "fixed-kd-u2"
 
 
-def control_of(rung: str) -> str:
+CONTROL_SLORB = "fixed-kd-slorb"
+
+
+def control_of(rung: str) -> str | None:
     """The fixed-mask rung a rung is compared with: the one with the same second-moment form (fixed-kd-u2, the
-    control of the u² rungs, is itself compared with fixed-kd: what the u² form alone does to a fixed mask)."""
+    control of the u² rungs, is itself compared with fixed-kd: what the u² form alone does to a fixed mask);
+    for AST-Boosted with the least-squares init, fixed-kd-slorb (the same SLoRB on a fixed mask). None where no
+    rung differs in the mask alone: fixed-kd-slorb itself and AST-Boosted with the mean init (the SLoRB rows of
+    the ingredients table compare those)."""
     if rung == CONTROL_U2:
         return CONTROL
+    if rung in (CONTROL_SLORB, "ast-boosted-mean"):
+        return None
+    if rung == "ast-boosted-lstsq":
+        return CONTROL_SLORB
     return CONTROL_U2 if "train.second_moment=update" in rung_overrides(rung, 40) else CONTROL
 
 
@@ -103,6 +115,10 @@ def rung_overrides(name: str, steps: int) -> list[str]:
                         "train.second_moment=gradient"],
         "ast-default-u2": ["train.method=ast-naive", f"train.t0_steps={max(1, steps // 2)}",
                            "train.second_moment=update"],
+        # the control of ast-boosted-lstsq: the same SLoRB, init and optimizer on a mask that never moves (T0 named
+        # as there, though without decay it does nothing, so the two configs differ in the method alone)
+        "fixed-kd-slorb": ["train.method=fixed-kd-slorb", "train.slorb_init=lstsq",
+                           f"train.t0_steps={max(1, steps // 2)}", "train.second_moment=gradient"],
         "ast-boosted-mean": ["train.method=ast-boosted", "train.slorb_init=mean",
                              f"train.t0_steps={max(1, steps // 2)}", "train.second_moment=gradient"],
         "ast-boosted-lstsq": ["train.method=ast-boosted", "train.slorb_init=lstsq",
@@ -114,7 +130,8 @@ def rung_overrides(name: str, steps: int) -> list[str]:
 
 
 RUNGS = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt", "naive", "fixed-kd", "fixed-kd-u2",
-         "ast-paper", "ast-official", "ast-default", "ast-default-u2", "ast-boosted-mean", "ast-boosted-lstsq")
+         "ast-paper", "ast-official", "ast-default", "ast-default-u2", "fixed-kd-slorb", "ast-boosted-mean",
+         "ast-boosted-lstsq")
 
 
 def base_overrides(steps: int, seed: int, windows: int | None, calib_blocks: int, val_blocks: int,
@@ -163,7 +180,8 @@ def plan(seeds: list[int], budgets: list[int], best: str | None, headline: bool 
     if headline:
         jobs += [Job(small, seeds[0], r, "eval") for r in EVAL_RUNGS]
     jobs += [Job(small, seeds[0], r) for r in ("oneshot-wanda", "oneshot-magnitude")]
-    jobs += [Job(small, s, r) for s in seeds for r in ("naive", "ast-boosted-lstsq", "ast-boosted-mean")]
+    jobs += [Job(small, s, r) for s in seeds for r in ("naive", "ast-boosted-lstsq", CONTROL_SLORB,
+                                                        "ast-boosted-mean")]
     return list(dict.fromkeys(jobs))
 
 
@@ -239,7 +257,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
     for r in results:
         by.setdefault((r["job"]["steps"], r["job"]["rung"]), []).append(r)
     ref = {(r["job"]["steps"], r["job"]["seed"], r["job"]["rung"]): r for r in results
-           if r["job"]["rung"] in (CONTROL, CONTROL_U2)}
+           if r["job"]["rung"] in (CONTROL, CONTROL_U2, CONTROL_SLORB)}
     dense = next((r["metrics"]["ppl_wikitext2_dense"] for r in results if "ppl_wikitext2_dense" in r["metrics"]),
                  None)
     sgpt = [r["metrics"]["ppl_wikitext2"] for r in results if r["job"]["rung"] == ONE_SHOT_BEST]
@@ -250,7 +268,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
         mean, sd = mean_sd(ppls)
         ratios = []
         control = control_of(rung) if rung in RUNGS else CONTROL
-        if not any((steps, r["job"]["seed"], control) in ref for r in rs):
+        if control in (CONTROL, CONTROL_U2) and not any((steps, r["job"]["seed"], control) in ref for r in rs):
             control = CONTROL  # its own control not run (yet): compare with plain fixed-kd, and say so
         for r in rs:
             c = ref.get((steps, r["job"]["seed"], control))
@@ -280,8 +298,10 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
 # What each ingredient buys, as the ladder separates it: (ingredient, the rung with it, the same rung without it).
 # The adaptive mask is the verdicts' question (each AST rung vs its fixed-mask control); the u² form is fixed-kd-u2's.
 INGREDIENTS = (("distillation (KD)", CONTROL, "naive"),
-               ("SLoRB, least-squares init", "ast-boosted-lstsq", "ast-default"),
-               ("SLoRB, the paper's mean init", "ast-boosted-mean", "ast-default"))
+               ("SLoRB on a fixed mask", CONTROL_SLORB, CONTROL),
+               ("SLoRB on the adaptive mask, least-squares init", "ast-boosted-lstsq", "ast-default"),
+               ("SLoRB on the adaptive mask, the paper's mean init", "ast-boosted-mean", "ast-default"),
+               ("SLoRB init: the paper's mean instead of least squares", "ast-boosted-mean", "ast-boosted-lstsq"))
 
 
 def _word(ratios: list[tuple[float, float, float]]) -> str:

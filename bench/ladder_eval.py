@@ -76,7 +76,7 @@ def run_eval(work: Path, record: dict, tasks: list[str], limit: int, batch_size:
             "wall_s": time.perf_counter() - t0}
 
 
-def summarize(records: list[dict], control_of: Callable[[str], str], order: tuple[str, ...],
+def summarize(records: list[dict], control_of: Callable[[str], str | None], order: tuple[str, ...],
               references: tuple[str, ...] = ()) -> list[dict]:
     """One row per (budget, seed, rung): whole-split perplexity with its interval and paired ratio to the rung's
     fixed-mask control; accuracy ± stderr per task, the mean over tasks, and the paired difference in per-item

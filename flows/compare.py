@@ -138,7 +138,7 @@ def method_configs(params: str, overrides: list[str], methods: list[str]) -> dic
 def compare(params: str = "params/smollm2-quick.yaml", out: str | None = None,
             overrides: list[str] | None = None, methods: list[str] | None = None,
             resume: bool = False) -> dict:
-    """Run ``methods`` (default: all seven) on one data set and teacher cache; write the table.
+    """Run ``methods`` (default: every method of the registry) on one data set and teacher cache; write the table.
 
     A method that fails is listed under ``failed`` in the table and the flow run
     fails after the table of the others is written.

@@ -33,6 +33,12 @@ def test_rungs_differ_only_in_what_they_claim_to() -> None:
         mine = cfgs[rung].train
         assert (mine.second_moment, mine.lambda_max, mine.refresh_score) == (form, preset.lambda_max,
                                                                              preset.refresh_score)
+    # fixed-kd-slorb is ast-boosted-lstsq with a fixed mask: the two resolved configs differ in the method alone
+    slorb, boosted = (cfgs[r].model_dump() for r in ("fixed-kd-slorb", "ast-boosted-lstsq"))
+    assert slorb["train"].pop("method") == "fixed-kd-slorb" and boosted["train"].pop("method") == "ast-boosted"
+    assert slorb == boosted and not cfgs["fixed-kd-slorb"].train.spec.adaptive and cfgs["fixed-kd-slorb"].train.spec.slorb
+    assert fl.control_of("ast-boosted-lstsq") == "fixed-kd-slorb"
+    assert fl.control_of("ast-boosted-mean") is None and fl.control_of("fixed-kd-slorb") is None
     assert {c.data.calib_blocks for c in cfgs.values()} == {256}  # one calibration for every rung
     assert cfgs["oneshot-sparsegpt"].evaluate.max_windows == 128
     with pytest.raises(Exception, match="unknown rung"):
@@ -110,11 +116,11 @@ def test_ingredients_are_paired_on_the_seeds_both_rungs_ran() -> None:
         _job("ast-boosted-lstsq", 0, 100.0, 90.0, [x + (0.02 if i % 2 else -0.02) for i, x in enumerate(base)]),
         _job("ast-boosted-mean", 1, 100.0, 90.0, base)]  # its ast-default (seed 1) has not run: no row
     rows = {r["ingredient"]: r for r in fl.ingredient_rows(results)}
+    assert set(rows) == {"distillation (KD)", "SLoRB on the adaptive mask, least-squares init"}
     kd = rows["distillation (KD)"]
     assert kd["seeds"] == [0, 1] and kd["verdict"] == "better" and kd["tokens"] == 40 * 512
     assert kd["ratio"][0][0] == pytest.approx(2.718281828 ** -0.05)  # exp of the mean NLL difference
-    assert rows["SLoRB, least-squares init"]["verdict"] == "no measurable difference"
-    assert "SLoRB, the paper's mean init" not in rows
+    assert rows["SLoRB on the adaptive mask, least-squares init"]["verdict"] == "no measurable difference"
     text = fl.ingredient_table(list(rows.values()))
     assert "fixed-kd / naive" in text and "0,1" in text
 

@@ -110,6 +110,26 @@ def test_fixed_kd_distils_like_ast_but_keeps_mask_and_pruned_weights_undecayed(t
     assert ra.last_flip is not None and ra.last_flip.changed_init > 0
 
 
+def test_fixed_kd_slorb_trains_its_side_branch_on_a_mask_that_never_moves(tmp_path: Path, blocks, teacher) -> None:
+    """fixed-kd-slorb: ast-boosted's first step (same loss), then the initial mask to the end, no decay, and the
+    SLoRB S trained; ast-boosted from the same start refreshes its masks."""
+    runs, before, side0 = {}, {}, {}
+    for method in ("fixed-kd-slorb", "ast-boosted"):
+        model = _student(boosted=True)
+        before[method] = {n: l.mask.clone() for n, l in sparse_layers(model)}
+        side0[method] = {n: p.detach().clone() for n, p in model.named_parameters() if ".side." in n}
+        runs[method] = (model, train(model, blocks, _cfg(method=method, lr=3e-2, refresh_every=1), seed=0,
+                                     teacher=OnlineTeacher(teacher), checkpoint_dir=tmp_path / method, progress=False))
+    (fixed, rf), (ast, ra) = runs["fixed-kd-slorb"], runs["ast-boosted"]
+    assert side0["fixed-kd-slorb"] and all(torch.equal(side0["fixed-kd-slorb"][n], side0["ast-boosted"][n])
+                                           for n in side0["ast-boosted"])
+    assert all(torch.equal(before["fixed-kd-slorb"][n], l.mask) for n, l in sparse_layers(fixed))
+    assert all(h["lam"] == 0.0 for h in rf.history if "lam" in h) and rf.last_flip is None
+    assert any(not torch.equal(side0["fixed-kd-slorb"][n], p) for n, p in fixed.named_parameters() if ".side." in n)
+    assert rf.history[0]["loss"] == ra.history[0]["loss"]
+    assert ra.last_flip is not None and ra.last_flip.changed_init > 0
+
+
 def test_fixed_kd_with_the_update_form_is_its_own_optimizer_and_keeps_the_mask(tmp_path: Path, blocks,
                                                                                teacher) -> None:
     """second_moment: update on a fixed mask: v tracks m̃² on the sparse weights (the control of an adaptive
