@@ -33,7 +33,7 @@ class Recipe:
     wanda_refresh: bool = True           # refreshes score by |W|·‖x‖ with the calibration norms frozen (else |W|)
     slorb_group: int = 16
     slorb_trainable_projection: bool = False
-    slorb_init: str = "mean"             # mean | lstsq
+    slorb_init: str = "lstsq"            # lstsq (S fitted to the calibration inputs) | mean (the paper's)
 
     @property
     def spec(self) -> MethodSpec:
