@@ -15,6 +15,7 @@ teacher targets, for every rung alike.
   ast-default AST with the library's defaults: λ_max 1e-4, T0 50 %, Wanda refresh, AdamW's second moment
   ast-default-u2  the same with the u² second moment (the form that wins with a fixed mask)
   fixed-kd-slorb  fixed-kd + SLoRB (least-squares init): the control of ast-boosted-lstsq
+  fixed-kd-slorb-u2 / ast-boosted-lstsq-u2  that pair with the u² second moment
   ast-boosted-mean / -lstsq  AST-Boosted with the paper's / the least-squares SLoRB init
 
 The paper's λ_max = 1e-4 was set for 40k steps; ``ast-paper`` keeps λ_max·steps
@@ -85,10 +86,10 @@ def control_of(rung: str) -> str | None:
     the ingredients table compare those)."""
     if rung == CONTROL_U2:
         return CONTROL
-    if rung in (CONTROL_SLORB, "ast-boosted-mean"):
+    if rung in (CONTROL_SLORB, CONTROL_SLORB + "-u2", "ast-boosted-mean"):
         return None
-    if rung == "ast-boosted-lstsq":
-        return CONTROL_SLORB
+    if rung.startswith("ast-boosted-lstsq"):
+        return CONTROL_SLORB + rung.removeprefix("ast-boosted-lstsq")  # the same second-moment form
     return CONTROL_U2 if "train.second_moment=update" in rung_overrides(rung, 40) else CONTROL
 
 
@@ -124,14 +125,17 @@ def rung_overrides(name: str, steps: int) -> list[str]:
         "ast-boosted-lstsq": ["train.method=ast-boosted", "train.slorb_init=lstsq",
                               f"train.t0_steps={max(1, steps // 2)}", "train.second_moment=gradient"],
     }
+    # the SLoRB pair with the u² second moment (the form that wins without SLoRB on a fixed mask)
+    table["fixed-kd-slorb-u2"] = [*table["fixed-kd-slorb"][:-1], "train.second_moment=update"]
+    table["ast-boosted-lstsq-u2"] = [*table["ast-boosted-lstsq"][:-1], "train.second_moment=update"]
     if name not in table:
         raise ConfigError(f"unknown rung {name!r}; known: {', '.join(table)}")
     return table[name]
 
 
 RUNGS = ("dense", "oneshot-magnitude", "oneshot-wanda", "oneshot-sparsegpt", "naive", "fixed-kd", "fixed-kd-u2",
-         "ast-paper", "ast-official", "ast-default", "ast-default-u2", "fixed-kd-slorb", "ast-boosted-mean",
-         "ast-boosted-lstsq")
+         "ast-paper", "ast-official", "ast-default", "ast-default-u2", "fixed-kd-slorb", "fixed-kd-slorb-u2",
+         "ast-boosted-mean", "ast-boosted-lstsq", "ast-boosted-lstsq-u2")
 
 
 def base_overrides(steps: int, seed: int, windows: int | None, calib_blocks: int, val_blocks: int,
@@ -181,6 +185,7 @@ def plan(seeds: list[int], budgets: list[int], best: str | None, headline: bool 
         jobs += [Job(small, seeds[0], r, "eval") for r in EVAL_RUNGS]
     jobs += [Job(small, seeds[0], r) for r in ("oneshot-wanda", "oneshot-magnitude")]
     jobs += [Job(small, s, r) for s in seeds for r in ("naive", "ast-boosted-lstsq", CONTROL_SLORB,
+                                                        "ast-boosted-lstsq-u2", CONTROL_SLORB + "-u2",
                                                         "ast-boosted-mean")]
     return list(dict.fromkeys(jobs))
 
@@ -257,7 +262,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
     for r in results:
         by.setdefault((r["job"]["steps"], r["job"]["rung"]), []).append(r)
     ref = {(r["job"]["steps"], r["job"]["seed"], r["job"]["rung"]): r for r in results
-           if r["job"]["rung"] in (CONTROL, CONTROL_U2, CONTROL_SLORB)}
+           if r["job"]["rung"] in (CONTROL, CONTROL_U2, CONTROL_SLORB, CONTROL_SLORB + "-u2")}
     dense = next((r["metrics"]["ppl_wikitext2_dense"] for r in results if "ppl_wikitext2_dense" in r["metrics"]),
                  None)
     sgpt = [r["metrics"]["ppl_wikitext2"] for r in results if r["job"]["rung"] == ONE_SHOT_BEST]
@@ -301,7 +306,9 @@ INGREDIENTS = (("distillation (KD)", CONTROL, "naive"),
                ("SLoRB on a fixed mask", CONTROL_SLORB, CONTROL),
                ("SLoRB on the adaptive mask, least-squares init", "ast-boosted-lstsq", "ast-default"),
                ("SLoRB on the adaptive mask, the paper's mean init", "ast-boosted-mean", "ast-default"),
-               ("SLoRB init: the paper's mean instead of least squares", "ast-boosted-mean", "ast-boosted-lstsq"))
+               ("SLoRB init: the paper's mean instead of least squares", "ast-boosted-mean", "ast-boosted-lstsq"),
+               ("u² second moment, fixed mask + SLoRB", CONTROL_SLORB + "-u2", CONTROL_SLORB),
+               ("u² second moment, AST-Boosted", "ast-boosted-lstsq-u2", "ast-boosted-lstsq"))
 
 
 def _word(ratios: list[tuple[float, float, float]]) -> str:

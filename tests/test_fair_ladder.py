@@ -38,6 +38,10 @@ def test_rungs_differ_only_in_what_they_claim_to() -> None:
     assert slorb["train"].pop("method") == "fixed-kd-slorb" and boosted["train"].pop("method") == "ast-boosted"
     assert slorb == boosted and not cfgs["fixed-kd-slorb"].train.spec.adaptive and cfgs["fixed-kd-slorb"].train.spec.slorb
     assert fl.control_of("ast-boosted-lstsq") == "fixed-kd-slorb"
+    assert fl.control_of("ast-boosted-lstsq-u2") == "fixed-kd-slorb-u2" and fl.control_of("fixed-kd-slorb-u2") is None
+    for rung in ("fixed-kd-slorb", "ast-boosted-lstsq"):  # the u² twin differs in the second moment alone
+        a, b = cfgs[rung].model_dump(), cfgs[rung + "-u2"].model_dump()
+        assert (a["train"].pop("second_moment"), b["train"].pop("second_moment")) == ("gradient", "update") and a == b
     assert fl.control_of("ast-boosted-mean") is None and fl.control_of("fixed-kd-slorb") is None
     assert {c.data.calib_blocks for c in cfgs.values()} == {256}  # one calibration for every rung
     assert cfgs["oneshot-sparsegpt"].evaluate.max_windows == 128
