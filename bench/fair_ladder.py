@@ -406,8 +406,8 @@ def render_body(report: dict[str, Any], image=None) -> str:  # type: ignore[no-u
         "",
         f"Evaluation: WikiText-2 test, {report['windows'] or 'all'} windows × {report['eval_seq_len']} tokens; intervals are 95% bootstrap "
         "intervals over windows; the ratio to the fixed-mask control (fixed-kd; fixed-kd-u2 for the rungs whose "
-        "optimizer tracks u², once it has run; fixed-kd-u2 itself against fixed-kd, the u² form alone) is paired on the "
-        "same windows and the same seed. "
+        "optimizer tracks u², once it has run; fixed-kd-u2 itself against fixed-kd, the u² form alone; fixed-kd-slorb "
+        "and its u² twin for AST-Boosted with the same SLoRB init) is paired on the same windows and the same seed. "
         f"One-shot calibration: {report['calib_blocks']} blocks × {report['seq_len']} tokens. "
         "\"AST in its best setting\" for the larger budgets is chosen on C4 validation perplexity "
         f"(held-out blocks), never on the test split: **{report['best_ast']}**.",
