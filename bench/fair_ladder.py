@@ -73,9 +73,7 @@ CONTROL = "fixed-kd"
 # the references every table and plot measures against: the dense model and the best one-shot 2:4 method
 DENSE, ONE_SHOT_BEST = "dense", "oneshot-sparsegpt"
 CONTROL_U2 = "fixed-kd-u2"
-
-
-CONTROL_SLORB = "fixed-kd-slorb"
+CONTROL_SLORB, CONTROL_SLORB_U2 = "fixed-kd-slorb", "fixed-kd-slorb-u2"  # the controls of AST-Boosted (lstsq init)
 
 
 def control_of(rung: str) -> str | None:
@@ -86,10 +84,10 @@ def control_of(rung: str) -> str | None:
     the ingredients table compare those)."""
     if rung == CONTROL_U2:
         return CONTROL
-    if rung in (CONTROL_SLORB, CONTROL_SLORB + "-u2", "ast-boosted-mean"):
+    if rung in (CONTROL_SLORB, CONTROL_SLORB_U2, "ast-boosted-mean"):
         return None
-    if rung.startswith("ast-boosted-lstsq"):
-        return CONTROL_SLORB + rung.removeprefix("ast-boosted-lstsq")  # the same second-moment form
+    if rung.startswith("ast-boosted-lstsq"):  # the SLoRB control with the same second-moment form
+        return CONTROL_SLORB_U2 if rung.endswith("-u2") else CONTROL_SLORB
     return CONTROL_U2 if "train.second_moment=update" in rung_overrides(rung, 40) else CONTROL
 
 
@@ -126,7 +124,7 @@ def rung_overrides(name: str, steps: int) -> list[str]:
                               f"train.t0_steps={max(1, steps // 2)}", "train.second_moment=gradient"],
     }
     # the SLoRB pair with the u² second moment (the form that wins without SLoRB on a fixed mask)
-    table["fixed-kd-slorb-u2"] = [*table["fixed-kd-slorb"][:-1], "train.second_moment=update"]
+    table[CONTROL_SLORB_U2] = [*table[CONTROL_SLORB][:-1], "train.second_moment=update"]
     table["ast-boosted-lstsq-u2"] = [*table["ast-boosted-lstsq"][:-1], "train.second_moment=update"]
     if name not in table:
         raise ConfigError(f"unknown rung {name!r}; known: {', '.join(table)}")
@@ -185,7 +183,7 @@ def plan(seeds: list[int], budgets: list[int], best: str | None, headline: bool 
         jobs += [Job(small, seeds[0], r, "eval") for r in EVAL_RUNGS]
     jobs += [Job(small, seeds[0], r) for r in ("oneshot-wanda", "oneshot-magnitude")]
     jobs += [Job(small, s, r) for s in seeds for r in ("naive", "ast-boosted-lstsq", CONTROL_SLORB,
-                                                        "ast-boosted-lstsq-u2", CONTROL_SLORB + "-u2",
+                                                        "ast-boosted-lstsq-u2", CONTROL_SLORB_U2,
                                                         "ast-boosted-mean")]
     return list(dict.fromkeys(jobs))
 
@@ -262,7 +260,7 @@ def summarize(results: list[dict]) -> list[dict[str, Any]]:
     for r in results:
         by.setdefault((r["job"]["steps"], r["job"]["rung"]), []).append(r)
     ref = {(r["job"]["steps"], r["job"]["seed"], r["job"]["rung"]): r for r in results
-           if r["job"]["rung"] in (CONTROL, CONTROL_U2, CONTROL_SLORB, CONTROL_SLORB + "-u2")}
+           if r["job"]["rung"] in (CONTROL, CONTROL_U2, CONTROL_SLORB, CONTROL_SLORB_U2)}
     dense = next((r["metrics"]["ppl_wikitext2_dense"] for r in results if "ppl_wikitext2_dense" in r["metrics"]),
                  None)
     sgpt = [r["metrics"]["ppl_wikitext2"] for r in results if r["job"]["rung"] == ONE_SHOT_BEST]
@@ -307,7 +305,7 @@ INGREDIENTS = (("distillation (KD)", CONTROL, "naive"),
                ("SLoRB on the adaptive mask, least-squares init", "ast-boosted-lstsq", "ast-default"),
                ("SLoRB on the adaptive mask, the paper's mean init", "ast-boosted-mean", "ast-default"),
                ("SLoRB init: the paper's mean instead of least squares", "ast-boosted-mean", "ast-boosted-lstsq"),
-               ("u² second moment, fixed mask + SLoRB", CONTROL_SLORB + "-u2", CONTROL_SLORB),
+               ("u² second moment, fixed mask + SLoRB", CONTROL_SLORB_U2, CONTROL_SLORB),
                ("u² second moment, AST-Boosted", "ast-boosted-lstsq-u2", "ast-boosted-lstsq"))
 
 
