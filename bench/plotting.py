@@ -47,7 +47,8 @@ def line_plot(path: str | Path, series: Mapping[str, Series], *, title: str, xla
     Points that cannot be drawn on the chosen scale are dropped; a figure with
     nothing to draw says so instead of failing.
     """
-    fig, ax = figure(title, xlabel, ylabel, logx=logx, logy=logy)
+    outside = len(series) + len(hlines or {}) > 6  # a long legend goes beside the axes, not over the data
+    fig, ax = figure(title, xlabel, ylabel, logx=logx, logy=logy, size=(10.0, 4.5) if outside else (7.0, 4.0))
     drawn = False
     for i, (label, (xs, ys)) in enumerate(series.items()):
         px, py = _drawable(xs, ys, logx, logy)
@@ -60,7 +61,7 @@ def line_plot(path: str | Path, series: Mapping[str, Series], *, title: str, xla
             ax.axhline(level, linestyle="--", color=f"C{(len(series) + i) % 10}", label=label)
             drawn = True
     if drawn:
-        ax.legend(loc="best", fontsize=8)
+        ax.legend(**({"loc": "upper left", "bbox_to_anchor": (1.01, 1.0)} if outside else {"loc": "best"}), fontsize=8)
     else:
         ax.text(0.5, 0.5, "no data to draw", ha="center", va="center", transform=ax.transAxes)
     return save(fig, path)

@@ -273,6 +273,14 @@ def test_plotting_save_is_atomic_and_handles_empty_series(tmp_path: Path) -> Non
     assert sorted(p.name for p in path.parent.iterdir()) == ["empty.png"]  # no temporary file left behind
     assert_png(plotting.bar_plot(tmp_path / "bars.png", ["a", "b"], [3.0, None], title="t", ylabel="y", logy=True))
 
+    def width(png: Path) -> int:  # from the PNG header (IHDR)
+        return int.from_bytes(png.read_bytes()[16:20], "big")
+
+    few = plotting.line_plot(tmp_path / "few.png", {"a": ([1, 2], [3.0, 2.0])}, title="t", xlabel="x", ylabel="y")
+    many = plotting.line_plot(tmp_path / "many.png", {str(i): ([1, 2], [3.0 + i, 2.0]) for i in range(8)},
+                              title="t", xlabel="x", ylabel="y")
+    assert (width(few), width(many)) == (700, 1000)  # a long legend gets its own room beside the axes
+
 
 def test_budget_config_sets_the_budget_and_lets_the_user_override_the_bench() -> None:
     base, cfg = ladder.budget_config(TINY, 6, ["train.t0_steps=1", "train.method=ast-naive"],
