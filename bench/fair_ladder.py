@@ -318,12 +318,11 @@ def _word(ratios: list[tuple[float, float, float]]) -> str:
 def ingredient_rows(results: list[dict]) -> list[dict[str, Any]]:
     """Per budget and ingredient: ppl(with) / ppl(without), paired on windows, for every seed both have run."""
     by = {(r["job"]["steps"], r["job"]["seed"], r["job"]["rung"]): r for r in results}
-    rows = []
+    rows, seeds = [], sorted({k[1] for k in by})
     for steps in sorted({k[0] for k in by}):
         for what, with_, without in INGREDIENTS:
             pairs = [(seed, by[(steps, seed, with_)], by[(steps, seed, without)])
-                     for seed in sorted({k[1] for k in by}) if (steps, seed, with_) in by
-                     and (steps, seed, without) in by]
+                     for seed in seeds if (steps, seed, with_) in by and (steps, seed, without) in by]
             ratios = [(seed, ppl_ratio_interval(a["metrics"]["ppl_window_nll"], b["metrics"]["ppl_window_nll"]))
                       for seed, a, b in pairs if a["metrics"].get("ppl_window_nll")
                       and b["metrics"].get("ppl_window_nll")]

@@ -89,9 +89,9 @@ class TrainConfig(_Section):
     refresh_every: int = Field(10, ge=1)
     # wanda: |W|·‖x‖ with the calibration norms frozen at the initial mask (the official GPT-2 code); magnitude:
     # |W| (the paper's text and its LLaMA code). Chosen on C4 validation in the fair ladder, the two differing in the
-    # refresh score only (ast-official vs ast-paper): 103.9 vs 152.0 at 20k tokens, 85.6 vs 102.4 at 82k; the
-    # magnitude refresh replaces ~5 % of a Wanda initial mask at its first refresh and the run does not recover
-    # (bench/results/fair_ladder.md). Not measured at the paper's 10k+ steps.
+    # refresh score only (ast-official vs ast-paper): 103.9 vs 152.0 at 20k tokens, 85.6 vs 102.4 at 82k, 67.2 vs
+    # 73.4 at 328k; the magnitude refresh replaces ~5 % of a Wanda initial mask at its first refresh and the run has
+    # not recovered by 328k tokens (bench/results/fair_ladder.md). Not measured at the paper's 10k+ steps.
     refresh_score: Literal["magnitude", "wanda"] = "wanda"
     # under torchrun: ddp replicates the student on every rank; fsdp shards parameters and
     # optimizer state by rows (FSDP2), for students that do not fit one device
