@@ -102,8 +102,9 @@ class TrainConfig(_Section):
     # - gradient wins for AST-Boosted, the default preset's method: smollm2-quick ends at 90.68 with it and 93.36
     #   with update (one seed, the same run otherwise; bench/results/preset_second_moment/). With update the SLoRB
     #   branch recovers less (2:4 base alone 104.25 -> 100.65 with it, against 111.54 -> 95.79).
-    #   The fair ladder's SLoRB pair agrees (seeds 0 and 1): with update fixed-kd-slorb 98.68 -> 101.15 and
-    #   104.53 -> 106.26, AST-Boosted 98.28 -> 104.29 and 104.68 -> 107.28.
+    #   The fair ladder's SLoRB pair agrees for AST-Boosted on all three seeds (98.28 -> 104.29, 104.68 -> 107.28,
+    #   95.15 -> 96.13 with update); on a fixed mask with SLoRB on two (98.68 -> 101.15, 104.53 -> 106.26; the third
+    #   seed 95.38 -> 93.94).
     # So the default stays AdamW's form (exactly AdamW at lambda = 0); set update for fixed-kd runs. For AST-Naive
     # with this lambda the three seeds split: validation 108.32 -> 107.09, 115.13 -> 112.26 and 104.09 -> 99.20
     # with update, but WikiText-2 85.69 -> 87.30, 87.12 -> 87.82 and 86.42 -> 86.33.
